@@ -1,0 +1,9 @@
+"""Memory variants, one file each, and their registry."""
+
+from . import full, hybrid_gdn, hybrid_ssd, sink_window, window  # noqa: F401  (registers the variants)
+from .base import Memory
+from .config import MemoryConfig
+from .local import LocalMemory
+from .registry import build_memory, list_memories, memory_class, register_memory
+
+__all__ = ["Memory", "LocalMemory", "MemoryConfig", "build_memory", "list_memories", "memory_class", "register_memory"]

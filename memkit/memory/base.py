@@ -1,0 +1,133 @@
+"""The Memory interface every variant implements: init_state / read / commit / parallel."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from memkit.errors import ConfigError, DeviceError, DTypeError, ShapeError, StateMismatchError
+from memkit.ops import Rope3D
+from memkit.ops._checks import check_finite, check_same_device, check_same_dtype, check_shape
+from memkit.state import MemoryState
+
+from .config import MemoryConfig
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of recurrent states and gates: float32, or float64 for float64 activations."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Memory(nn.Module):
+    """One block's memory. Subclasses implement ``_empty_tensors``, ``_step`` and ``_parallel``.
+
+    q, k, v: ``(B, N, H, D)`` with ``N = frames * frame_tokens``, frame-major;
+    x: the block input ``(B, N, C)``. Outputs are ``(B, N, H, D)``, before the
+    backbone's output projection.
+    """
+
+    kind: ClassVar[str] = "?"
+
+    def __init__(self, cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int):
+        super().__init__()
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("dim", dim), ("frame_tokens", frame_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"build_memory: {name} must be a positive int, got {value!r}")
+        self.cfg = cfg
+        self.num_heads, self.head_dim, self.dim, self.frame_tokens = num_heads, head_dim, dim, frame_tokens
+
+    @property
+    def fingerprint(self) -> str:
+        return self.cfg.fingerprint(
+            num_heads=self.num_heads, head_dim=self.head_dim, dim=self.dim, frame_tokens=self.frame_tokens
+        )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, heads={self.num_heads}x{self.head_dim}, dim={self.dim}, frame_tokens={self.frame_tokens}"
+
+    # -- public API ---------------------------------------------------------
+    def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
+        """An empty memory for ``batch`` streams; ``dtype`` is the activations' dtype."""
+        if not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"init_state: batch must be a positive int, got {batch!r}")
+        tensors = self._empty_tensors(batch, torch.device(device or "cpu"), dtype)
+        return MemoryState(tensors, 0, self.kind, self.fingerprint, batch)
+
+    def read(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None) -> torch.Tensor:
+        """The output for this chunk given the memory before it; ``state`` is not changed."""
+        self._check_state(state, q, x)
+        self._check_tokens(q, k, v, x, rope)
+        y, _ = self._step(state, q, k, v, x, rope, advance=False)
+        return y
+
+    def commit(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """What ``read`` returns for this chunk, and the memory advanced past it (a new state)."""
+        self._check_state(state, q, x)
+        self._check_tokens(q, k, v, x, rope)
+        return self._step(state, q, k, v, x, rope, advance=True)
+
+    def parallel(self, q, k, v, x, chunk_frames: int, rope: Rope3D | None = None) -> torch.Tensor:
+        """The whole clip at once, block-causal over chunks of ``chunk_frames`` (teacher forcing).
+
+        Equals concatenating ``commit`` outputs over the clip's chunks from an empty state.
+        """
+        if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+            raise ConfigError(f"parallel: chunk_frames must be a positive int, got {chunk_frames!r}")
+        self._check_tokens(q, k, v, x, rope)
+        return self._parallel(q, k, v, x, chunk_frames, rope)
+
+    # -- to implement ---------------------------------------------------------
+    def _empty_tensors(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _step(self, state, q, k, v, x, rope, advance: bool):
+        raise NotImplementedError
+
+    def _parallel(self, q, k, v, x, chunk_frames, rope):
+        raise NotImplementedError
+
+    # -- checks (run before anything is computed, so a bad call changes nothing) --
+    def _check_tokens(self, q, k, v, x, rope) -> None:
+        layout = "(B, N, heads, head_dim)"
+        check_shape("q", q, (None, None, self.num_heads, self.head_dim), layout)
+        B, N = q.shape[:2]
+        check_shape("k", k, (B, N, self.num_heads, self.head_dim), layout)
+        check_shape("v", v, (B, N, self.num_heads, self.head_dim), layout)
+        check_shape("x", x, (B, N, self.dim), "(B, N, dim)")
+        if N == 0 or N % self.frame_tokens:
+            raise ShapeError(
+                f"a chunk must hold a whole, positive number of frames of {self.frame_tokens} tokens; got N={N}"
+            )
+        dtype = check_same_dtype(q=q, k=k, v=v, x=x)
+        check_same_device(q=q, k=k, v=v, x=x)
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if param is not None and (param.dtype != dtype or param.device != q.device):
+            raise DTypeError(
+                f"{self.kind} memory parameters are {param.dtype} on {param.device} but inputs are {dtype} on "
+                f"{q.device}; call memory.to(device, dtype) first"
+            )
+        if rope is not None:
+            if not isinstance(rope, Rope3D):
+                raise TypeError(f"rope must be a memkit.ops.Rope3D, got {type(rope).__name__}")
+            if rope.frame_tokens != self.frame_tokens or rope.head_dim != self.head_dim:
+                raise ShapeError(
+                    f"rope is for {rope.height}x{rope.width} frames with head_dim {rope.head_dim}; this memory has "
+                    f"{self.frame_tokens} tokens per frame and head_dim {self.head_dim}"
+                )
+        if self.cfg.check_finite:
+            check_finite(q=q, k=k, v=v, x=x)
+
+    def _check_state(self, state: MemoryState, q, x) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState (from init_state or commit), got {type(state).__name__}")
+        if state.fingerprint != self.fingerprint:
+            raise StateMismatchError(
+                f"this state belongs to a {state.kind} memory of config {state.fingerprint}; this {self.kind} "
+                f"memory has config {self.fingerprint}"
+            )
+        if q.dim() >= 1 and state.batch != q.shape[0]:
+            raise StateMismatchError(f"state holds {state.batch} streams but the chunk has batch {q.shape[0]}")
+        if state.device != q.device:
+            raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")

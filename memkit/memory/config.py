@@ -1,0 +1,76 @@
+"""MemoryConfig: which memory, and its sizes and options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from memkit.errors import ConfigError
+
+ROPE_MODES = ("absolute", "relative")
+EVICT_AGGREGATES = ("token", "frame_mean")
+# Options that change how a result is computed, not what the state holds.
+_RUNTIME_ONLY = {"attention_backend", "scan_backend", "check_finite"}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Configuration of one memory variant. Each variant reads the fields it needs.
+
+    kind: registry name (``memkit.list_memories()``).
+    sink_frames / window_frames: local memory sizes in latent frames.
+    horizon_frames: the router's horizon T; positions past it clamp to T.
+    evict_aggregate: "token" writes every evicted token into the global
+        state, "frame_mean" writes one mean token per evicted frame.
+    rope_mode: "absolute" caches keys rotated at their stream positions;
+        "relative" rotates [sink | window | chunk] by slot on every read (needs
+        ``rope=`` on read/commit/parallel; q, k then arrive un-rotated).
+    attention_backend / scan_backend: kernel choice ("auto", "torch", ...).
+    check_finite: reject NaN / Inf inputs (one device sync per call).
+    """
+
+    kind: str = "hybrid_gdn"
+    sink_frames: int = 3
+    window_frames: int = 6
+    horizon_frames: int = 240
+    evict_aggregate: str = "token"
+    rope_mode: str = "absolute"
+    attention_backend: str = "auto"
+    scan_backend: str = "auto"
+    check_finite: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.kind, str):
+            raise ConfigError(f"MemoryConfig.kind must be a string, got {self.kind!r}")
+        for name in ("sink_frames", "window_frames", "horizon_frames"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"MemoryConfig.{name} must be a non-negative int, got {value!r}")
+        if self.window_frames < 1:
+            raise ConfigError("MemoryConfig.window_frames must be >= 1")
+        if self.horizon_frames < 1:
+            raise ConfigError("MemoryConfig.horizon_frames must be >= 1")
+        if self.rope_mode not in ROPE_MODES:
+            raise ConfigError(f"MemoryConfig.rope_mode must be one of {ROPE_MODES}, got {self.rope_mode!r}")
+        if self.evict_aggregate not in EVICT_AGGREGATES:
+            raise ConfigError(
+                f"MemoryConfig.evict_aggregate must be one of {EVICT_AGGREGATES}, got {self.evict_aggregate!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"MemoryConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def fingerprint(self, **dims: int) -> str:
+        """A short hash of everything that shapes a state: the config and the layer's dims."""
+        body = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
+        body.update(dims)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

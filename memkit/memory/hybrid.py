@@ -1,0 +1,102 @@
+"""Hybrid memory (VideoSSM): sink + window attention plus a compressed global state of evicted tokens.
+
+Per head, a state ``M`` (head_dim x head_dim) absorbs every token evicted from
+the window through a recurrent update (the gated delta rule, or an SSD scan),
+driven by gates computed from the token's block input when it entered the
+window. A chunk reads it as ``silu(W_g x) * RMSNorm(l2norm(q) M)`` and adds
+that to the local attention output, weighted per head by the position-aware
+router ``gamma = sigmoid(w * log((t + 1) / T) + b)`` with ``t`` the frames
+streamed so far and ``T`` the horizon (``(t + 1) / T`` clamped to 1).
+
+``W_g`` starts at zero, so a fresh hybrid memory equals ``sink_window``:
+retrofitting it changes nothing until it is trained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .base import state_dtype
+from .local import LocalMemory
+
+
+def l2norm(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class HybridMemory(LocalMemory):
+    """Subclasses define ``gate_names``, ``_token_gates`` and ``_scan`` (the global state update)."""
+
+    def __init__(self, cfg, **dims):
+        super().__init__(cfg, **dims)
+        self.sink_frames, self.window_frames = cfg.sink_frames, cfg.window_frames
+        H, D = self.num_heads, self.head_dim
+        self.out_gate = nn.Linear(self.dim, H * D, bias=False)
+        nn.init.zeros_(self.out_gate.weight)  # zero global read-out: equals sink_window at init
+        self.norm_weight = nn.Parameter(torch.ones(D))
+        self.router_w = nn.Parameter(torch.ones(H))
+        self.router_b = nn.Parameter(torch.zeros(H))
+
+    # -- to implement -------------------------------------------------------------
+    def _scan(self, M, k, v, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fold tokens ``k, v (B, n, H, D)`` with their gates into ``M (B, H, D, D)``; return the new M."""
+        raise NotImplementedError
+
+    # -- pieces -------------------------------------------------------------------
+    def _global_empty(self, batch, device, dtype):
+        D = self.head_dim
+        return {"global.M": torch.zeros(batch, self.num_heads, D, D, device=device, dtype=state_dtype(dtype))}
+
+    def router(self, t: int) -> torch.Tensor:
+        """``gamma`` per head for a chunk that starts after ``t`` streamed frames."""
+        pos = math.log(min((t + 1) / self.cfg.horizon_frames, 1.0))
+        return torch.sigmoid(self.router_w * pos + self.router_b)
+
+    def _global_read(self, tensors, q, x, t):
+        M = tensors["global.M"]
+        r = torch.einsum("bnhk,bhkv->bnhv", l2norm(q.to(M.dtype)), M)
+        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
+        r = r.to(q.dtype) * self.norm_weight
+        gate = F.silu(rearrange(self.out_gate(x), "b n (h d) -> b n h d", h=self.num_heads))
+        return self.router(t)[:, None] * gate * r
+
+    def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.cfg.evict_aggregate == "token":
+            return evicted
+        T = self.frame_tokens
+        return {n: e.unflatten(1, (-1, T)).mean(dim=2) for n, e in evicted.items()}
+
+    def _write(self, M, evicted: dict[str, torch.Tensor]) -> torch.Tensor:
+        ev = self._aggregate(evicted)
+        gates = {n: ev[n] for n in self.gate_names}
+        k = l2norm(ev["k"].to(M.dtype)).to(ev["k"].dtype)
+        return self._scan(M, k, ev["v"], gates)
+
+    def _global_write(self, tensors, evicted):
+        tensors["global.M"] = self._write(tensors["global.M"], evicted)
+
+    def _global_parallel(self, q, k, v, x, chunk_frames):
+        T, S, W = self.frame_tokens, self.sink_frames, self.window_frames
+        frames = q.shape[1] // T
+        gates = self._token_gates(x)
+        M = self._global_empty(q.shape[0], q.device, q.dtype)["global.M"]
+        done = 0  # frames already folded into M, counted from the first non-sink frame
+        outs = []
+        for c0 in range(0, frames, chunk_frames):
+            evicted = max(0, c0 - S - W)  # frames S .. S + evicted - 1 have left the window
+            if evicted > done:
+                sl = slice((S + done) * T, (S + evicted) * T)
+                M = self._write(M, {"k": k[:, sl], "v": v[:, sl], **{n: g[:, sl] for n, g in gates.items()}})
+                done = evicted
+            sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
+            outs.append(self._global_read({"global.M": M}, q[:, sl], x[:, sl], c0))
+        return torch.cat(outs, dim=1)

@@ -1,0 +1,96 @@
+"""Optional kernel backends: discovery, selection and fallback.
+
+Every op has a PyTorch implementation ("torch") that runs anywhere. GPU
+backends are optional extras. An explicitly requested backend that cannot run
+raises :class:`BackendUnavailableError` naming the extra to install; "auto"
+picks the first accelerated backend that can run and otherwise falls back to
+"torch", logging the reason once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from memkit.errors import BackendUnavailableError, ConfigError
+
+log = logging.getLogger("memkit.ops")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    module: str          # what must import for the backend to be usable
+    install: str         # how to get it
+    needs_cuda: bool = True
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    "fla": BackendInfo("fla.ops.gated_delta_rule", "pip install 'memkit[gpu]'  (flash-linear-attention)"),
+    "mamba_ssm": BackendInfo(
+        "mamba_ssm.ops.triton.ssd_combined",
+        "pip install 'memkit[mamba]'  (mamba-ssm; without its CUDA build: "
+        "MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm)",
+    ),
+    "xformers": BackendInfo("xformers.ops", "pip install 'memkit[xformers]'"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(name: str) -> str | None:
+    """None when backend ``name`` imports, else the reason it does not."""
+    try:
+        importlib.import_module(BACKENDS[name].module)
+    except Exception as exc:  # broken builds raise all sorts of things
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def is_available(name: str) -> bool:
+    return name == "torch" or import_error(name) is None
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    info = BACKENDS[name]
+    err = import_error(name)
+    if err is not None:
+        return f"it does not import ({err}); install it with: {info.install}"
+    if info.needs_cuda and device.type != "cuda":
+        return f"it needs CUDA tensors, got {device.type} tensors"
+    if dtype not in info.dtypes:
+        return f"it does not support {dtype}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(op: str, reason: str) -> None:
+    log.warning("memkit.ops.%s: backend='auto' falls back to 'torch': %s", op, reason)
+
+
+def resolve(op: str, backend: str, accelerated: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"  # the expected path on CPU, not a fallback worth a log line
+        reasons = []
+        for name in accelerated:
+            why = _why_not(name, device, dtype)
+            if why is None:
+                return name
+            reasons.append(f"{name}: {why}")
+        if reasons:
+            _log_fallback_once(op, "; ".join(reasons))
+        return "torch"
+    if backend not in accelerated:
+        choices = ", ".join(["auto", "torch", *accelerated])
+        raise ConfigError(f"memkit.ops.{op}: unknown backend {backend!r}; choose one of {choices}")
+    why = _why_not(backend, device, dtype)
+    if why is not None:
+        raise BackendUnavailableError(f"memkit.ops.{op}: backend {backend!r} cannot run: {why}")
+    return backend

@@ -1,0 +1,59 @@
+"""The on-disk format of states and memory weights: safetensors plus memkit metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from memkit.errors import StateFormatError
+
+SCHEMA_VERSION = 1
+SCHEMA_KEY = "memkit_schema"
+
+
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors and JSON-able ``meta`` atomically (a crash leaves the old file intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses views that share storage; each saved tensor gets its own.
+    flat = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    header = {SCHEMA_KEY: str(SCHEMA_VERSION), "meta": json.dumps(meta, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`write`; every way it can be wrong is a StateFormatError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise StateFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    if SCHEMA_KEY not in header:
+        raise StateFormatError(f"{path} is a safetensors file but not a memkit {what} (no {SCHEMA_KEY!r} metadata)")
+    version = header[SCHEMA_KEY]
+    if version != str(SCHEMA_VERSION):
+        raise StateFormatError(
+            f"{path} has memkit schema version {version}; this memkit reads version {SCHEMA_VERSION}"
+        )
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise StateFormatError(f"{path}: memkit metadata is missing or corrupt ({exc})") from None
+    return tensors, meta
