@@ -57,15 +57,15 @@ class Memory(nn.Module):
 
     def read(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None) -> torch.Tensor:
         """The output for this chunk given the memory before it; ``state`` is not changed."""
-        self._check_state(state, q, x)
         self._check_tokens(q, k, v, x, rope)
+        self._check_state(state, q)
         y, _ = self._step(state, q, k, v, x, rope, advance=False)
         return y
 
     def commit(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None) -> tuple[torch.Tensor, MemoryState]:
         """What ``read`` returns for this chunk, and the memory advanced past it (a new state)."""
-        self._check_state(state, q, x)
         self._check_tokens(q, k, v, x, rope)
+        self._check_state(state, q)
         return self._step(state, q, k, v, x, rope, advance=True)
 
     def parallel(self, q, k, v, x, chunk_frames: int, rope: Rope3D | None = None) -> torch.Tensor:
@@ -119,7 +119,7 @@ class Memory(nn.Module):
         if self.cfg.check_finite:
             check_finite(q=q, k=k, v=v, x=x)
 
-    def _check_state(self, state: MemoryState, q, x) -> None:
+    def _check_state(self, state: MemoryState, q) -> None:
         if not isinstance(state, MemoryState):
             raise TypeError(f"state must be a MemoryState (from init_state or commit), got {type(state).__name__}")
         if state.fingerprint != self.fingerprint:
@@ -127,7 +127,22 @@ class Memory(nn.Module):
                 f"this state belongs to a {state.kind} memory of config {state.fingerprint}; this {self.kind} "
                 f"memory has config {self.fingerprint}"
             )
-        if q.dim() >= 1 and state.batch != q.shape[0]:
+        if state.batch != q.shape[0]:
             raise StateMismatchError(f"state holds {state.batch} streams but the chunk has batch {q.shape[0]}")
+        expected = self._empty_tensors(state.batch, torch.device("meta"), q.dtype)
+        if set(expected) != set(state.tensors):
+            raise StateMismatchError(
+                f"state tensors {sorted(state.tensors)} do not match this memory's {sorted(expected)}"
+            )
+        for name, want in expected.items():
+            got = state.tensors[name]
+            grows = want.dim() > 1 and want.shape[1] == 0  # an unbounded cache: any length
+            if (got.shape[2:] if grows else got.shape) != (want.shape[2:] if grows else want.shape) or got.shape[0] != want.shape[0]:
+                raise StateMismatchError(f"state tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            if got.dtype != want.dtype:
+                raise DTypeError(
+                    f"state tensor {name!r} is {got.dtype} but this chunk needs {want.dtype}; "
+                    f"use state.to(dtype) or init_state(dtype=...)"
+                )
         if state.device != q.device:
             raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")

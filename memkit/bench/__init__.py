@@ -1,0 +1,1 @@
+"""Benchmarks (``memkit bench ...``): ratios measured side by side in one run."""

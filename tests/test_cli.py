@@ -1,0 +1,55 @@
+"""The memkit command: doctor, bench memory, demo."""
+
+import subprocess
+import sys
+
+import torch
+
+from memkit.bench.memory import run_memory_bench, windows
+from memkit.cli import main
+from memkit.doctor import run_checks
+
+
+def test_doctor_reports_every_backend(capsys):
+    code = main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("fla", "mamba_ssm", "xformers", "torch"):
+        assert name in out
+    statuses = {c.status for c in run_checks()}
+    if not torch.cuda.is_available():
+        assert statuses <= {"missing", "needs CUDA"}
+    assert "memkit[gpu]" in out or "fla" not in {c.backend for c in run_checks() if c.status == "missing"}
+
+
+def test_bench_memory_table_and_plot(tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    code = main(["bench", "memory", "--chunks", "12", "--quiet", "--heads", "2", "--head-dim", "8",
+                 "--frame-tokens", "4", "--dim", "16", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0 and png.stat().st_size > 10_000
+    for kind in ("full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd"):
+        assert kind in out
+    assert "late / early" in out
+
+
+def test_bench_state_sizes_show_full_growing():
+    res = run_memory_bench(chunks=10, heads=1, head_dim=8, frame_tokens=4, dim=8, progress=False)
+    assert res["full"].state_bytes[-1] == 10 * res["full"].state_bytes[0]
+    for kind in ("window", "sink_window", "hybrid_gdn", "hybrid_ssd"):
+        assert len(set(res[kind].state_bytes)) == 1
+    assert windows(256) == ((8, 16), (248, 256))
+    assert windows(3)[1] == (2, 3)
+
+
+def test_demo_runs_and_writes_its_plot(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "memkit", "demo", "--chunks", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DIFFERENT" not in proc.stdout and "equal" in proc.stdout
+    assert (tmp_path / "memory_demo.png").stat().st_size > 10_000
+
+
+def test_cli_turns_memkit_errors_into_a_message(capsys):
+    assert main(["bench", "memory", "--chunks", "2", "--memories", "nope", "--quiet"]) == 2
+    assert "unknown memory 'nope'" in capsys.readouterr().out
