@@ -38,7 +38,7 @@ class HybridGDNMemory(HybridMemory):
 
     def _scan(self, M, k, v, gates):
         _, M = gated_delta_rule(
-            k, k, v, gates["g"].to(k.dtype), gates["beta"].to(k.dtype), initial_state=M,
+            k, k, v, gates["g"], gates["beta"], initial_state=M,
             output_final_state=True, backend=self.cfg.scan_backend,
         )
         return M

@@ -35,7 +35,7 @@ class HybridSSDMemory(HybridMemory):
     def _scan(self, M, k, v, gates):
         A = -self.A_log.exp()
         _, M = ssd_scan(
-            v, gates["dt"].to(v.dtype), A.to(v.dtype), k, k, initial_state=M,
+            v, gates["dt"], A.to(gates["dt"].dtype), k, k, initial_state=M,
             output_final_state=True, backend=self.cfg.scan_backend,
         )
         return M

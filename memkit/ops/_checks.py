@@ -47,6 +47,10 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_finite(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    items = [(n, t) for n, t in tensors.items() if t is not None and t.is_floating_point()]
+    if not items:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()  # one device sync for all
+    for (name, _), ok in zip(items, flags):
+        if not ok:
             raise NonFiniteError(f"{name} contains NaN or Inf")

@@ -1,0 +1,56 @@
+"""hybrid_gdn against the VideoSSM equations written out token by token (independent of the memory's code)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_clip, make_memory, rel_err, stream
+
+from memkit.ops import naive_attention
+
+
+def reference_hybrid_gdn(mem, q, k, v, x, chunk_frames):
+    S, W, T, H, D = mem.sink_frames, mem.window_frames, mem.frame_tokens, mem.num_heads, mem.head_dim
+    B, N = q.shape[:2]
+    frames = N // T
+    g = -mem.A_log.exp() * F.softplus(mem.a_proj(x))        # (B, N, H)
+    beta = torch.sigmoid(mem.b_proj(x))
+    kn = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)  # L2 norm with the memory's epsilon
+    qn = q / torch.sqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)
+    out = torch.zeros_like(q)
+    M = torch.zeros(B, H, D, D, dtype=q.dtype)
+    written = 0  # tokens folded into M so far, in stream order from the first non-sink frame
+    for c0 in range(0, frames, chunk_frames):
+        c1 = min(frames, c0 + chunk_frames)
+        # local: sink frames, the last W frames before the chunk, the chunk
+        keys = sorted(set(range(min(S, c0))) | set(range(max(S, c0 - W), c0)) | set(range(c0, c1)))
+        idx = torch.tensor([f * T + i for f in keys for i in range(T)])
+        sl = slice(c0 * T, c1 * T)
+        local = naive_attention(q[:, sl], k[:, idx], v[:, idx])
+        # global: every token of frames S .. c0 - W - 1 has been written, one at a time
+        target = max(0, c0 - W - S) * T
+        while written < target:
+            n = S * T + written
+            for b in range(B):
+                for h in range(H):
+                    Mg = g[b, n, h].exp() * M[b, h]
+                    kk, vv = kn[b, n, h], v[b, n, h]
+                    M[b, h] = Mg + beta[b, n, h] * torch.outer(kk, vv - Mg.T @ kk)
+            written += 1
+        r = torch.einsum("bnhk,bhkv->bnhv", qn[:, sl], M)
+        r = r / torch.sqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6) * mem.norm_weight
+        gate = F.silu(mem.out_gate(x[:, sl])).view(B, -1, H, D)
+        gamma = torch.sigmoid(mem.router_w * math.log(min((c0 + 1) / mem.cfg.horizon_frames, 1.0)) + mem.router_b)
+        out[:, sl] = local + gamma[:, None] * gate * r
+    return out
+
+
+@pytest.mark.parametrize("sink,window,chunk", [(0, 1, 1), (1, 2, 2), (2, 3, 3), (3, 1, 2)])
+def test_hybrid_gdn_matches_the_equations(sink, window, chunk):
+    mem = make_memory("hybrid_gdn", sink_frames=sink, window_frames=window, horizon_frames=6)
+    q, k, v, x = make_clip(mem, batch=2, frames=11)
+    with torch.no_grad():
+        y, _, _ = stream(mem, q, k, v, x, chunk)
+        ref = reference_hybrid_gdn(mem, q, k, v, x, chunk)
+    assert rel_err(y, ref) < 1e-10
