@@ -44,7 +44,9 @@ def _doctor(args, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memkit", description="Plug-in memories for autoregressive video diffusion transformers")
+    p = argparse.ArgumentParser(
+        prog="memkit", description="Plug-in memories for autoregressive video diffusion transformers"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="stream every memory variant, check streaming == parallel, plot cost per chunk")

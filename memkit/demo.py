@@ -42,7 +42,8 @@ def check_streaming_equals_parallel(console: Console) -> bool:
             err = (torch.cat(outs, 1) - mem.parallel(q, k, v, x, chunk_frames=F)).abs().max().item()
         good = err < 1e-10
         ok &= good
-        table.add_row(kind, f"{err:.1e}", f"{state.nbytes / 1024:.1f}", "[green]equal[/]" if good else "[red]DIFFERENT[/]")
+        verdict = "[green]equal[/]" if good else "[red]DIFFERENT[/]"
+        table.add_row(kind, f"{err:.1e}", f"{state.nbytes / 1024:.1f}", verdict)
     console.print(table)
     return ok
 

@@ -2,13 +2,21 @@
 
 import pytest
 import torch
-from helpers import make_clip, make_memory, rope_for, stream
+from helpers import make_clip, make_memory, stream
 from safetensors.torch import save_file
 
 import memkit
 from memkit.errors import (
-    BackendUnavailableError, ConfigError, DeviceError, DTypeError, MemkitError, NonFiniteError, ShapeError,
-    StateFormatError, StateMismatchError, UnknownMemoryError,
+    BackendUnavailableError,
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    MemkitError,
+    NonFiniteError,
+    ShapeError,
+    StateFormatError,
+    StateMismatchError,
+    UnknownMemoryError,
 )
 from memkit.state import MemoryState
 
@@ -32,20 +40,25 @@ def nan_at(t):
     return t
 
 
+def every(fn):
+    return lambda *chunk: tuple(fn(t) for t in chunk)
+
+
 BAD_CHUNKS = {
     "q wrong rank": (lambda q, k, v, x: (q[0], k, v, x), ShapeError, "q must be"),
     "k wrong heads": (lambda q, k, v, x: (q, k[:, :, :1], v, x), ShapeError, "k must be"),
     "v wrong head dim": (lambda q, k, v, x: (q, k, v[..., :4], x), ShapeError, "v must be"),
     "x wrong width": (lambda q, k, v, x: (q, k, v, x[..., :3]), ShapeError, "x must be"),
     "x token count differs": (lambda q, k, v, x: (q, k, v, x[:, :-1]), ShapeError, "x must be"),
-    "partial frame": (lambda q, k, v, x: tuple(t[:, :-1] for t in (q, k, v, x)), ShapeError, "whole, positive number of frames"),
-    "empty chunk": (lambda q, k, v, x: tuple(t[:, :0] for t in (q, k, v, x)), ShapeError, "whole, positive number of frames"),
+    "partial frame": (every(lambda t: t[:, :-1]), ShapeError, "whole, positive number of frames"),
+    "empty chunk": (every(lambda t: t[:, :0]), ShapeError, "whole, positive number of frames"),
     "dtype mismatch": (lambda q, k, v, x: (q, k.float(), v, x), DTypeError, "k has dtype torch.float32"),
-    "memory in another dtype": (lambda q, k, v, x: tuple(t.float() for t in (q, k, v, x)), DTypeError, "memory.to"),
+    "memory in another dtype": (every(torch.Tensor.float), DTypeError, "memory.to"),
     "integer input": (lambda q, k, v, x: (q.long(), k, v, x), DTypeError, "floating dtype"),
     "NaN in q": (lambda q, k, v, x: (nan_at(q), k, v, x), NonFiniteError, "q contains NaN"),
-    "Inf in x": (lambda q, k, v, x: (q, k, v, x.index_fill(1, torch.tensor([0]), float("inf"))), NonFiniteError, "x contains NaN or Inf"),
-    "batch differs from state": (lambda q, k, v, x: tuple(t[:1] for t in (q, k, v, x)), StateMismatchError, "holds 2 streams"),
+    "Inf in x": (lambda q, k, v, x: (q, k, v, x.index_fill(1, torch.tensor([0]), float("inf"))), NonFiniteError,
+                 "x contains NaN or Inf"),
+    "batch differs from state": (every(lambda t: t[:1]), StateMismatchError, "holds 2 streams"),
     "device mismatch": (lambda q, k, v, x: (q, k.to("meta"), v, x), DeviceError, "k is on meta"),
 }
 
@@ -134,7 +147,8 @@ def test_truncated_and_foreign_files(setup, tmp_path):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(StateFormatError, match="not a memkit memory state"):
         MemoryState.load(tmp_path / "foreign.safetensors")
-    save_file({"weight": torch.zeros(2)}, str(tmp_path / "future.safetensors"), metadata={"memkit_schema": "99", "meta": "{}"})
+    future = {"memkit_schema": "99", "meta": "{}"}
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "future.safetensors"), metadata=future)
     with pytest.raises(StateFormatError, match="schema version 99"):
         MemoryState.load(tmp_path / "future.safetensors")
     with pytest.raises(FileNotFoundError):

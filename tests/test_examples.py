@@ -14,7 +14,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_stream_memory_example_runs():
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "stream_memory.py")], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(EXAMPLES / "stream_memory.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "bit-identically: True" in proc.stdout
 

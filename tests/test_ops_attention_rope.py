@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import rel_err
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import rel_err
 
 from memkit.errors import BackendUnavailableError, ConfigError, DTypeError, ShapeError
 from memkit.ops import Rope3D, attention, naive_attention, rope_3d

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import TOL, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import TOL, rel_err
 
 from memkit.ops import gated_delta_rule, ssd_scan
 from memkit.ops.gated_delta_rule import chunk_gated_delta_rule_torch, naive_recurrent_gated_delta_rule

@@ -1,6 +1,7 @@
 """``memkit bench memory``: stream chunks through one block-sized memory of every variant.
 
-Variants run one after another in one process, on the same inputs; per-chunk times are medians over a few chunks around an early and
+Variants run one after another in one process, on the same inputs; per-chunk
+times are medians over a few chunks around an early and
 a late point, and their ratio shows whether a memory's cost grows with the
 stream (``full``) or stays flat (everything else).
 """

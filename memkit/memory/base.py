@@ -32,7 +32,8 @@ class Memory(nn.Module):
 
     def __init__(self, cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int):
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("dim", dim), ("frame_tokens", frame_tokens)):
+        dims = {"num_heads": num_heads, "head_dim": head_dim, "dim": dim, "frame_tokens": frame_tokens}
+        for name, value in dims.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"build_memory: {name} must be a positive int, got {value!r}")
         self.cfg = cfg
@@ -45,7 +46,8 @@ class Memory(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, heads={self.num_heads}x{self.head_dim}, dim={self.dim}, frame_tokens={self.frame_tokens}"
+        heads = f"{self.num_heads}x{self.head_dim}"
+        return f"kind={self.kind}, heads={heads}, dim={self.dim}, frame_tokens={self.frame_tokens}"
 
     # -- public API ---------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
@@ -136,9 +138,12 @@ class Memory(nn.Module):
             )
         for name, want in expected.items():
             got = state.tensors[name]
-            grows = want.dim() > 1 and want.shape[1] == 0  # an unbounded cache: any length
-            if (got.shape[2:] if grows else got.shape) != (want.shape[2:] if grows else want.shape) or got.shape[0] != want.shape[0]:
-                raise StateMismatchError(f"state tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            grows = want.dim() > 1 and want.shape[1] == 0  # an unbounded cache: any length along dim 1
+            fixed = (lambda s: (s[0], *s[2:])) if grows else tuple
+            if got.dim() != want.dim() or fixed(got.shape) != fixed(want.shape):
+                raise StateMismatchError(
+                    f"state tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+                )
             if got.dtype != want.dtype:
                 raise DTypeError(
                     f"state tensor {name!r} is {got.dtype} but this chunk needs {want.dtype}; "

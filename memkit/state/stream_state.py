@@ -29,7 +29,8 @@ class StreamState:
         object.__setattr__(self, "prompt_cache", MappingProxyType(dict(self.prompt_cache)))
 
     def replace(self, layers: Sequence[MemoryState] | None = None, cursor: int | None = None,
-                prompt_cache: Mapping[str, torch.Tensor] | None = None, rng: torch.Tensor | None = None) -> "StreamState":
+                prompt_cache: Mapping[str, torch.Tensor] | None = None,
+                rng: torch.Tensor | None = None) -> "StreamState":
         return StreamState(
             self.layers if layers is None else tuple(layers),
             self.cursor if cursor is None else cursor,
@@ -56,7 +57,8 @@ class StreamState:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.layers) + sum(t.numel() * t.element_size() for t in self.prompt_cache.values())
+        prompt = sum(t.numel() * t.element_size() for t in self.prompt_cache.values())
+        return sum(s.nbytes for s in self.layers) + prompt
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"cursor": torch.tensor(self.cursor, dtype=torch.int64)}

@@ -7,8 +7,6 @@ applied: the caller scales q.
 
 from __future__ import annotations
 
-import torch
-
 from memkit.errors import ConfigError
 from memkit.ops import backends
 from memkit.ops._checks import check_same_device, check_same_dtype, check_shape

@@ -28,6 +28,7 @@ def chunk_ssd_torch(x, dt, A, B, C, initial_state=None, output_final_state=False
     ys = []
     for n in range(C.shape[2]):
         ys.append(G[:, :, n].exp()[..., None] * (C[:, :, n] @ h) + intra[:, :, n])
-        h = G[:, :, n, -1].exp()[..., None, None] * h + B[:, :, n].transpose(-1, -2) @ (tail[:, :, n, :, None] * xs[:, :, n])
+        write = B[:, :, n].transpose(-1, -2) @ (tail[:, :, n, :, None] * xs[:, :, n])
+        h = G[:, :, n, -1].exp()[..., None, None] * h + write
     y = rearrange(torch.stack(ys, dim=2), "b h n c d -> b (n c) h d")[:, :T]
     return y, (h if output_final_state else None)
