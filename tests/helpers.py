@@ -41,17 +41,31 @@ def make_clip(mem, batch=2, frames=5, dtype=torch.float64, seed=0):
 
 
 def stream(mem, q, k, v, x, chunk_frames, rope=None, state=None):
-    """Commit a clip chunk by chunk; returns (concatenated outputs, final state, states after each chunk)."""
+    """Commit a clip chunk by chunk; returns (concatenated outputs, final state, states after each chunk).
+
+    ``chunk_frames`` is a chunk length in frames, or a list of chunk lengths covering the clip.
+    """
     T = mem.frame_tokens
     frames = q.shape[1] // T
+    sizes = chunk_frames if isinstance(chunk_frames, list) else [chunk_frames] * -(-frames // chunk_frames)
     state = state or mem.init_state(q.shape[0], device=q.device, dtype=q.dtype)
-    outs, states = [], []
-    for c0 in range(0, frames, chunk_frames):
-        sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
+    outs, states, c0 = [], [], 0
+    for size in sizes:
+        sl = slice(c0 * T, min(frames, c0 + size) * T)
         y, state = mem.commit(state, q[:, sl], k[:, sl], v[:, sl], x[:, sl], rope=rope)
         outs.append(y)
         states.append(state)
+        c0 += size
     return torch.cat(outs, dim=1), state, states
+
+
+def chunk_starts(sizes):
+    """[(first frame, end frame)] of consecutive chunks of the given sizes."""
+    out, c0 = [], 0
+    for size in sizes:
+        out.append((c0, c0 + size))
+        c0 += size
+    return out
 
 
 def rope_for(mem, height=2):

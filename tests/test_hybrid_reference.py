@@ -5,15 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_clip, make_memory, rel_err, stream
+from helpers import chunk_starts, make_clip, make_memory, rel_err, stream
+from hypothesis import given
+from hypothesis import strategies as st
 
 from memkit.ops import naive_attention
 
 
-def reference_hybrid_gdn(mem, q, k, v, x, chunk_frames):
+def reference_hybrid_gdn(mem, q, k, v, x, chunk_sizes):
     S, W, T, H, D = mem.sink_frames, mem.window_frames, mem.frame_tokens, mem.num_heads, mem.head_dim
     B, N = q.shape[:2]
-    frames = N // T
     g = -mem.A_log.exp() * F.softplus(mem.a_proj(x))        # (B, N, H)
     beta = torch.sigmoid(mem.b_proj(x))
     kn = k / torch.sqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)  # L2 norm with the memory's epsilon
@@ -21,8 +22,7 @@ def reference_hybrid_gdn(mem, q, k, v, x, chunk_frames):
     out = torch.zeros_like(q)
     M = torch.zeros(B, H, D, D, dtype=q.dtype)
     written = 0  # tokens folded into M so far, in stream order from the first non-sink frame
-    for c0 in range(0, frames, chunk_frames):
-        c1 = min(frames, c0 + chunk_frames)
+    for c0, c1 in chunk_starts(chunk_sizes):
         # local: sink frames, the last W frames before the chunk, the chunk
         keys = sorted(set(range(min(S, c0))) | set(range(max(S, c0 - W), c0)) | set(range(c0, c1)))
         idx = torch.tensor([f * T + i for f in keys for i in range(T)])
@@ -46,11 +46,39 @@ def reference_hybrid_gdn(mem, q, k, v, x, chunk_frames):
     return out
 
 
+def partitions(frames):
+    """Chunk sizes covering ``frames``: e.g. a 1-frame image prefix, then 3-frame chunks, then a tail."""
+    return st.lists(st.integers(1, 4), min_size=1, max_size=frames).map(lambda sizes: cover(sizes, frames))
+
+
+def cover(sizes, frames):
+    out, total = [], 0
+    for s in sizes * frames:
+        if total >= frames:
+            break
+        out.append(min(s, frames - total))
+        total += out[-1]
+    return out
+
+
 @pytest.mark.parametrize("sink,window,chunk", [(0, 1, 1), (1, 2, 2), (2, 3, 3), (3, 1, 2)])
 def test_hybrid_gdn_matches_the_equations(sink, window, chunk):
     mem = make_memory("hybrid_gdn", sink_frames=sink, window_frames=window, horizon_frames=6)
     q, k, v, x = make_clip(mem, batch=2, frames=11)
+    sizes = cover([chunk], 11)
     with torch.no_grad():
-        y, _, _ = stream(mem, q, k, v, x, chunk)
-        ref = reference_hybrid_gdn(mem, q, k, v, x, chunk)
+        y, _, _ = stream(mem, q, k, v, x, sizes)
+        ref = reference_hybrid_gdn(mem, q, k, v, x, sizes)
     assert rel_err(y, ref) < 1e-10
+
+
+@given(st.integers(0, 3), st.integers(1, 4), partitions(10), st.integers(0, 999))
+def test_hybrid_gdn_matches_the_equations_for_any_chunking(sink, window, sizes, seed):
+    """Chunks of any lengths in one stream (an image prefix, then chunks): the bookkeeping of sink, window,
+    eviction and gate cache must follow the frames, not a fixed chunk size."""
+    mem = make_memory("hybrid_gdn", heads=1, sink_frames=sink, window_frames=window, horizon_frames=6, seed=seed)
+    q, k, v, x = make_clip(mem, batch=1, frames=10, seed=seed)
+    with torch.no_grad():
+        y, state, _ = stream(mem, q, k, v, x, sizes)
+        ref = reference_hybrid_gdn(mem, q, k, v, x, sizes)
+    assert rel_err(y, ref) < 1e-10 and state.frames == 10

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TOL, make_clip, make_memory, perturb_params, rel_err, rope_for, stream
+from helpers import TOL, chunk_starts, make_clip, make_memory, perturb_params, rel_err, rope_for, stream
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,22 +77,27 @@ def test_window_covering_clip_equals_full_equals_block_causal(chunk_frames):
     assert rel_err(y_win, y_full) < 1e-12
 
 
-def test_sink_window_keeps_the_sink_and_the_window():
-    """Explicit mask: sink frames 0..S-1, then the last W frames before the chunk, then the chunk."""
-    S, W, F, frames = 2, 3, 2, 11
-    mem = make_memory("sink_window", sink_frames=S, window_frames=W)
-    q, k, v, x = make_clip(mem, frames=frames)
-    y, _, _ = stream(mem, q, k, v, x, F)
-    T = mem.frame_tokens
-    fq = torch.arange(frames * T) // T
-    start = fq // F * F  # first frame of the query's chunk
-    fk = fq[None, :]
-    start = start[:, None]
-    sink = fk < torch.clamp(start, max=S)
-    window = (fk >= torch.clamp(start - W, min=S)) & (fk < start)
-    chunk = (fk >= start) & (fk < start + F)
-    mask = sink | window | chunk
-    assert rel_err(y, naive_attention(q, k, v, mask)) < 1e-12
+def local_mask(kind, S, W, sizes, T):
+    """Explicit token mask of a local memory: sink frames, the last W frames before the chunk, the chunk."""
+    if kind == "full":
+        S, W = 0, 10**9
+    elif kind == "window":
+        S = 0
+    rows = []
+    for c0, c1 in chunk_starts(sizes):
+        keys = [f < min(S, c0) or max(S, c0 - W) <= f < c0 or c0 <= f < c1 for f in range(sum(sizes))]
+        rows += [keys] * (c1 - c0)
+    frame_mask = torch.tensor(rows)
+    return frame_mask.repeat_interleave(T, 0).repeat_interleave(T, 1)
+
+
+@given(st.sampled_from(["full", "window", "sink_window"]), st.integers(0, 3), st.integers(1, 4),
+       st.lists(st.integers(1, 4), min_size=1, max_size=6), st.integers(0, 999))
+def test_local_memories_follow_their_mask_for_any_chunking(kind, S, W, sizes, seed):
+    mem = make_memory(kind, sink_frames=S, window_frames=W, seed=seed)
+    q, k, v, x = make_clip(mem, frames=sum(sizes), seed=seed)
+    y, _, _ = stream(mem, q, k, v, x, sizes)
+    assert rel_err(y, naive_attention(q, k, v, local_mask(kind, S, W, sizes, mem.frame_tokens))) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd"])
