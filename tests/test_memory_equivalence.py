@@ -160,3 +160,12 @@ def test_parallel_is_differentiable(kind):
     if kind.startswith("hybrid"):
         assert x.grad is not None and torch.isfinite(x.grad).all()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mem.parameters())
+
+
+def test_float32_memory_runs_bfloat16_chunks_under_autocast():
+    mem = make_memory("hybrid_gdn", dtype=torch.float32, sink_frames=1, window_frames=1)
+    q, k, v, x = (t.bfloat16() for t in make_clip(mem, frames=6, dtype=torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state, _ = stream(mem, q, k, v, x, 2)
+    assert y.dtype == torch.bfloat16 and state["global.M"].dtype == torch.float32
+    assert state["global.M"].abs().sum() > 0

@@ -105,10 +105,14 @@ class Memory(nn.Module):
         dtype = check_same_dtype(q=q, k=k, v=v, x=x)
         check_same_device(q=q, k=k, v=v, x=x)
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if param is not None and (param.dtype != dtype or param.device != q.device):
+        if param is not None and param.device != q.device:
+            raise DeviceError(f"{self.kind} memory parameters are on {param.device} but inputs on {q.device}; "
+                              f"call memory.to(device) first")
+        # Under autocast, float32 parameters with half-precision inputs are the normal mixed-precision setup.
+        if param is not None and param.dtype != dtype and not torch.is_autocast_enabled(q.device.type):
             raise DTypeError(
-                f"{self.kind} memory parameters are {param.dtype} on {param.device} but inputs are {dtype} on "
-                f"{q.device}; call memory.to(device, dtype) first"
+                f"{self.kind} memory parameters are {param.dtype} but inputs are {dtype}; "
+                f"call memory.to(dtype) first, or run under torch.autocast"
             )
         if rope is not None:
             if not isinstance(rope, Rope3D):

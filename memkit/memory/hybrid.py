@@ -67,7 +67,7 @@ class HybridMemory(LocalMemory):
         r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
         r = r.to(q.dtype) * self.norm_weight
         gate = F.silu(rearrange(self.out_gate(x), "b n (h d) -> b n h d", h=self.num_heads))
-        return self.router(t)[:, None] * gate * r
+        return (self.router(t)[:, None] * gate * r).to(q.dtype)
 
     def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.cfg.evict_aggregate == "token":
