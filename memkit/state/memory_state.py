@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -28,7 +28,7 @@ class MemoryState:
     frames: int
     kind: str
     fingerprint: str
-    batch: int = field(default=0)
+    batch: int
 
     def __post_init__(self):
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
