@@ -90,13 +90,16 @@ def run_checks(tol: float = 1e-4) -> list[Check]:
         if not cuda:
             out.append(Check(backend, op, "needs CUDA", "imports; its kernels run on CUDA tensors only"))
             continue
+        tf32 = torch.backends.cuda.matmul.allow_tf32
         try:
+            torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not a TF32 one
             with torch.no_grad():
-                torch.backends.cuda.matmul.allow_tf32 = False
                 e = fn(backend, torch.device("cuda"))
         except Exception as exc:  # a broken build fails in many ways; report it, do not crash
             out.append(Check(backend, op, "error", f"{type(exc).__name__}: {exc}"[:300]))
             continue
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         out.append(Check(backend, op, "ok" if e < tol else "mismatch", f"max rel. err vs torch reference {e:.2e}"))
     return out
 

@@ -164,3 +164,52 @@ def test_every_error_is_a_memkit_error():
     for err in (ShapeError, DTypeError, DeviceError, NonFiniteError, ConfigError, UnknownMemoryError,
                 StateMismatchError, StateFormatError, BackendUnavailableError):
         assert issubclass(err, MemkitError)
+
+
+def test_bad_op_inputs():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ShapeError, match="does not broadcast"):
+        memkit.ops.attention(q, q, q, attn_mask=torch.ones(3, 4, dtype=torch.bool))
+    rope = memkit.ops.Rope3D(8, 2, 2)
+    with pytest.raises(TypeError, match="frame_offset must be an int"):
+        rope(q, 1.7)
+    with pytest.raises(DTypeError, match="must be integers"):
+        rope(q, torch.tensor([0.5]))
+    gate = torch.rand(1, 4, 2)
+    with pytest.raises(DTypeError, match="A has dtype torch.int64"):
+        memkit.ops.ssd_scan(q, gate, torch.tensor([-1, -2]), q, q)
+    with pytest.raises(ShapeError, match="initial_state must be"):
+        memkit.ops.gated_delta_rule(q, q, q, gate, gate, initial_state=torch.zeros(1, 2, 8, 4))
+    with pytest.raises(ConfigError, match="mode"):
+        memkit.ops.gated_delta_rule(q, q, q, gate, gate, mode="sideways")
+
+
+def test_recurrent_kernel_without_backward_is_not_used_for_training():
+    q = torch.randn(1, 4, 2, 8, requires_grad=True)
+    gate = torch.rand(1, 4, 2)
+    with pytest.raises(BackendUnavailableError, match="no backward"):
+        memkit.ops.gated_delta_rule(q, q, q, -gate, gate, backend="fla", mode="recurrent")
+    o, _ = memkit.ops.gated_delta_rule(q, q, q, -gate, gate, mode="recurrent")  # auto: the torch form
+    o.sum().backward()
+    assert q.grad is not None
+
+
+def test_bad_init_state_and_backend_config():
+    mem = make_memory("window")
+    with pytest.raises(ConfigError, match="batch"):
+        mem.init_state(True)
+    with pytest.raises(DTypeError, match="floating dtype"):
+        mem.init_state(1, dtype=torch.int32)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        memkit.MemoryConfig(attention_backend="flsh")
+    with pytest.raises(ConfigError, match="scan_backend"):
+        memkit.MemoryConfig(scan_backend="fal")
+    with pytest.raises(ConfigError, match="hybrid_gdn: scan_backend 'mamba_ssm'"):
+        make_memory("hybrid_gdn", scan_backend="mamba_ssm")
+
+
+def test_unavailable_kernel_fails_on_the_first_chunk_not_the_first_eviction():
+    mem = make_memory("hybrid_gdn", sink_frames=3, window_frames=6, scan_backend="fla")
+    q, k, v, x = make_clip(mem, frames=3)
+    with pytest.raises(BackendUnavailableError):
+        mem.commit(mem.init_state(2, dtype=torch.float64), q, k, v, x)

@@ -64,3 +64,45 @@ def test_stream_state_round_trip(tmp_path):
     assert torch.equal(back.rng, st.rng)
     assert back.nbytes == st.nbytes
     assert set(st.state_dict()) >= {"cursor", "rng", "layers.0.global.M", "prompt.text.k"}
+
+
+def test_to_a_dtype_keeps_recurrent_state_precision():
+    mem = make_memory("hybrid_gdn", dtype=torch.bfloat16, perturb=False)
+    state = mem.init_state(2).to(torch.bfloat16)  # made for float32 activations, then moved
+    assert state["win.k"].dtype == torch.bfloat16
+    assert state["global.M"].dtype == torch.float32 and state["win.g"].dtype == torch.float32
+    q, k, v, x = make_clip(mem, frames=12, dtype=torch.bfloat16)
+    _, state, _ = stream(mem, q, k, v, x, 3, state=state)
+    assert state.frames == 12 and state["global.M"].abs().sum() > 0
+    assert state.to(torch.float64)["global.M"].dtype == torch.float64
+
+
+def test_float32_block_input_with_bfloat16_heads():
+    mem = make_memory("hybrid_gdn", dtype=torch.float32, sink_frames=1, window_frames=1)
+    q, k, v, x = make_clip(mem, frames=6, dtype=torch.float32)
+    y, state, _ = stream(mem, q.bfloat16(), k.bfloat16(), v.bfloat16(), x, 2)
+    assert y.dtype == torch.bfloat16 and state["global.M"].abs().sum() > 0
+
+
+def test_fingerprint_covers_only_what_shapes_the_state(tmp_path):
+    a = make_memory("full", sink_frames=1, window_frames=2, horizon_frames=5)
+    b = make_memory("full", sink_frames=3, window_frames=9, evict_aggregate="frame_mean")
+    assert a.fingerprint == b.fingerprint  # full uses neither sink nor window
+    assert make_memory("window", sink_frames=1).fingerprint == make_memory("window", sink_frames=2).fingerprint
+    assert make_memory("window", window_frames=1).fingerprint != make_memory("window", window_frames=2).fingerprint
+    h = [make_memory("hybrid_gdn", horizon_frames=n).fingerprint for n in (10, 20)]
+    assert h[0] == h[1]  # the router horizon is read-time only
+    assert make_memory("hybrid_gdn", evict_aggregate="frame_mean").fingerprint != h[0]
+    assert make_memory("full", rope_mode="relative").fingerprint != a.fingerprint
+    assert make_memory("full").fingerprint != make_memory("full", head_dim=12).fingerprint
+
+
+def test_only_unbounded_caches_may_change_length():
+    from memkit.errors import StateMismatchError
+
+    mem = make_memory("window", window_frames=2)
+    q, k, v, x = make_clip(mem, frames=4)
+    _, state, _ = stream(mem, q, k, v, x, 2)
+    bad = state.replace({**state.tensors, "sink.k": torch.zeros(2, 4, 2, 8, dtype=torch.float64)})
+    with pytest.raises(StateMismatchError, match="'sink.k' has shape"):
+        mem.read(bad, q[:, :8], k[:, :8], v[:, :8], x[:, :8])

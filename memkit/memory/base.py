@@ -15,11 +15,6 @@ from memkit.state import MemoryState
 from .config import MemoryConfig
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of recurrent states and gates: float32, or float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class Memory(nn.Module):
     """One block's memory. Subclasses implement ``_empty_tensors``, ``_step`` and ``_parallel``.
 
@@ -39,10 +34,15 @@ class Memory(nn.Module):
         self.cfg = cfg
         self.num_heads, self.head_dim, self.dim, self.frame_tokens = num_heads, head_dim, dim, frame_tokens
 
+    # The config fields that decide what a state holds; others (the router horizon, backends) may change
+    # between saving a state and resuming it.
+    state_fields: ClassVar[tuple[str, ...]] = ("rope_mode",)
+
     @property
     def fingerprint(self) -> str:
         return self.cfg.fingerprint(
-            num_heads=self.num_heads, head_dim=self.head_dim, dim=self.dim, frame_tokens=self.frame_tokens
+            self.state_fields,
+            num_heads=self.num_heads, head_dim=self.head_dim, dim=self.dim, frame_tokens=self.frame_tokens,
         )
 
     def extra_repr(self) -> str:
@@ -52,8 +52,10 @@ class Memory(nn.Module):
     # -- public API ---------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
         """An empty memory for ``batch`` streams; ``dtype`` is the activations' dtype."""
-        if not isinstance(batch, int) or batch < 1:
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ConfigError(f"init_state: batch must be a positive int, got {batch!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DTypeError(f"init_state: dtype must be a floating dtype (the activations'), got {dtype!r}")
         tensors = self._empty_tensors(batch, torch.device(device or "cpu"), dtype)
         return MemoryState(tensors, 0, self.kind, self.fingerprint, batch)
 
@@ -90,6 +92,13 @@ class Memory(nn.Module):
     def _parallel(self, q, k, v, x, chunk_frames, rope):
         raise NotImplementedError
 
+    def _grows(self, name: str) -> bool:
+        """Whether state tensor ``name`` grows along dim 1 as frames stream (an unbounded cache)."""
+        return False
+
+    def _check_backends(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise now, not halfway through a stream, if an explicitly requested kernel cannot run."""
+
     # -- checks (run before anything is computed, so a bad call changes nothing) --
     def _check_tokens(self, q, k, v, x, rope) -> None:
         layout = "(B, N, heads, head_dim)"
@@ -102,18 +111,20 @@ class Memory(nn.Module):
             raise ShapeError(
                 f"a chunk must hold a whole, positive number of frames of {self.frame_tokens} tokens; got N={N}"
             )
-        dtype = check_same_dtype(q=q, k=k, v=v, x=x)
+        check_same_dtype(q=q, k=k, v=v)
+        check_same_dtype(x=x)  # x may differ from q, k, v (a float32 residual stream under autocast)
         check_same_device(q=q, k=k, v=v, x=x)
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
         if param is not None and param.device != q.device:
             raise DeviceError(f"{self.kind} memory parameters are on {param.device} but inputs on {q.device}; "
                               f"call memory.to(device) first")
-        # Under autocast, float32 parameters with half-precision inputs are the normal mixed-precision setup.
-        if param is not None and param.dtype != dtype and not torch.is_autocast_enabled(q.device.type):
+        # The parameters act on x. Under autocast, float32 parameters with half-precision x are normal.
+        if param is not None and param.dtype != x.dtype and not torch.is_autocast_enabled(q.device.type):
             raise DTypeError(
-                f"{self.kind} memory parameters are {param.dtype} but inputs are {dtype}; "
+                f"{self.kind} memory parameters are {param.dtype} but x is {x.dtype}; "
                 f"call memory.to(dtype) first, or run under torch.autocast"
             )
+        self._check_backends(q.device, q.dtype)
         if rope is not None:
             if not isinstance(rope, Rope3D):
                 raise TypeError(f"rope must be a memkit.ops.Rope3D, got {type(rope).__name__}")
@@ -142,7 +153,7 @@ class Memory(nn.Module):
             )
         for name, want in expected.items():
             got = state.tensors[name]
-            grows = want.dim() > 1 and want.shape[1] == 0  # an unbounded cache: any length along dim 1
+            grows = self._grows(name)  # an unbounded cache: any length along dim 1
             fixed = (lambda s: (s[0], *s[2:])) if grows else tuple
             if got.dim() != want.dim() or fixed(got.shape) != fixed(want.shape):
                 raise StateMismatchError(

@@ -10,8 +10,8 @@ from memkit.errors import ConfigError
 
 ROPE_MODES = ("absolute", "relative")
 EVICT_AGGREGATES = ("token", "frame_mean")
-# Options that change how a result is computed, not what the state holds.
-_RUNTIME_ONLY = {"attention_backend", "scan_backend", "check_finite"}
+ATTENTION_BACKENDS = ("auto", "torch", "naive", "xformers")
+SCAN_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class MemoryConfig:
             raise ConfigError("MemoryConfig.horizon_frames must be >= 1")
         if self.rope_mode not in ROPE_MODES:
             raise ConfigError(f"MemoryConfig.rope_mode must be one of {ROPE_MODES}, got {self.rope_mode!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"MemoryConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.scan_backend not in SCAN_BACKENDS:
+            raise ConfigError(f"MemoryConfig.scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
         if self.evict_aggregate not in EVICT_AGGREGATES:
             raise ConfigError(
                 f"MemoryConfig.evict_aggregate must be one of {EVICT_AGGREGATES}, got {self.evict_aggregate!r}"
@@ -69,8 +75,7 @@ class MemoryConfig:
             raise ConfigError(f"MemoryConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
 
-    def fingerprint(self, **dims: int) -> str:
-        """A short hash of everything that shapes a state: the config and the layer's dims."""
-        body = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_ONLY}
-        body.update(dims)
+    def fingerprint(self, state_fields: tuple[str, ...], **dims: int) -> str:
+        """A short hash of what shapes a state: the kind, the given config fields and the layer's dims."""
+        body = {"kind": self.kind, **{k: getattr(self, k) for k in state_fields}, **dims}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .base import state_dtype
+from memkit.errors import ConfigError
+from memkit.ops import backends
+from memkit.state import state_dtype
+
 from .local import LocalMemory
 
 
@@ -34,10 +37,17 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 
 class HybridMemory(LocalMemory):
-    """Subclasses define ``gate_names``, ``_token_gates`` and ``_scan`` (the global state update)."""
+    """Subclasses define ``gate_names``, ``_token_gates`` and ``_scan`` (the global state update), and
+    ``scan_kernels``: the accelerated backends their scan can use."""
+
+    state_fields = ("sink_frames", "window_frames", "rope_mode", "evict_aggregate")
+    scan_kernels: tuple[str, ...] = ()
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)
+        if cfg.scan_backend not in ("auto", "torch", *self.scan_kernels):
+            choices = ", ".join(("auto", "torch", *self.scan_kernels))
+            raise ConfigError(f"{self.kind}: scan_backend {cfg.scan_backend!r} cannot run its scan; choose {choices}")
         self.sink_frames, self.window_frames = cfg.sink_frames, cfg.window_frames
         H, D = self.num_heads, self.head_dim
         self.out_gate = nn.Linear(self.dim, H * D, bias=False)
@@ -50,6 +60,11 @@ class HybridMemory(LocalMemory):
     def _scan(self, M, k, v, gates: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fold tokens ``k, v (B, n, H, D)`` with their gates into ``M (B, H, D, D)``; return the new M."""
         raise NotImplementedError
+
+    def _check_backends(self, device, dtype):
+        super()._check_backends(device, dtype)
+        if self.cfg.scan_backend not in ("auto", "torch"):
+            backends.resolve(f"{self.kind} scan", self.cfg.scan_backend, self.scan_kernels, device, dtype)
 
     # -- pieces -------------------------------------------------------------------
     def _global_empty(self, batch, device, dtype):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkit.ops import gated_delta_rule
+from memkit.state import state_dtype
 
-from .base import state_dtype
 from .hybrid import HybridMemory, inverse_softplus
 from .registry import register_memory
 
@@ -21,6 +21,7 @@ from .registry import register_memory
 @register_memory("hybrid_gdn")
 class HybridGDNMemory(HybridMemory):
     gate_names = ("g", "beta")
+    scan_kernels = ("fla",)
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkit.ops import ssd_scan
+from memkit.state import state_dtype
 
-from .base import state_dtype
 from .hybrid import HybridMemory, inverse_softplus
 from .registry import register_memory
 
@@ -20,6 +20,7 @@ from .registry import register_memory
 @register_memory("hybrid_ssd")
 class HybridSSDMemory(HybridMemory):
     gate_names = ("dt",)
+    scan_kernels = ("mamba_ssm", "fla")
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)

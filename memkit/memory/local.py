@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from memkit.ops import attention
+from memkit.ops import attention, backends
+from memkit.state import state_dtype
 
-from .base import Memory, state_dtype
+from .base import Memory
 
 
 class LocalMemory(Memory):
@@ -56,6 +57,13 @@ class LocalMemory(Memory):
 
     def _global_parallel(self, q, k, v, x, chunk_frames: int) -> torch.Tensor | None:
         return None
+
+    def _grows(self, name: str) -> bool:
+        return self.window_frames is None and name.startswith("win.")
+
+    def _check_backends(self, device, dtype):
+        if self.cfg.attention_backend == "xformers":
+            backends.resolve("attention", "xformers", ("xformers",), device, dtype)
 
     # -- state ------------------------------------------------------------------
     def _empty_tensors(self, batch, device, dtype):
@@ -154,4 +162,4 @@ class LocalMemory(Memory):
         return y if g is None else y + g
 
 
-__all__ = ["LocalMemory", "state_dtype"]
+__all__ = ["LocalMemory"]

@@ -27,6 +27,15 @@ class BackendInfo:
     install: str         # how to get it
     needs_cuda: bool = True
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    probe: str | None = None  # name of a function below that runs the kernel once on CUDA
+
+
+def _probe_xformers() -> None:
+    # A wheel built for another torch imports fine and only fails when an op is looked up.
+    import xformers.ops as xops
+
+    q = torch.zeros(1, 8, 1, 8, device="cuda", dtype=torch.float16)
+    xops.memory_efficient_attention(q, q, q)
 
 
 BACKENDS: dict[str, BackendInfo] = {
@@ -36,8 +45,21 @@ BACKENDS: dict[str, BackendInfo] = {
         "pip install 'memkit[mamba]'  (mamba-ssm; without its CUDA build: "
         "MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm)",
     ),
-    "xformers": BackendInfo("xformers.ops", "pip install 'memkit[xformers]'"),
+    "xformers": BackendInfo("xformers.ops", "pip install 'memkit[xformers]'", probe="_probe_xformers"),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def probe_error(name: str) -> str | None:
+    """None when backend ``name`` runs a tiny problem on the current CUDA device, else why not."""
+    probe = BACKENDS[name].probe
+    if probe is None:
+        return None
+    try:
+        globals()[probe]()
+    except Exception as exc:
+        return f"it imports but does not run here ({type(exc).__name__}: {str(exc)[:200]})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +76,8 @@ def is_available(name: str) -> bool:
     return name == "torch" or import_error(name) is None
 
 
-def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when backend ``name`` can run on tensors of ``dtype`` on ``device``, else the reason."""
     info = BACKENDS[name]
     err = import_error(name)
     if err is not None:
@@ -63,6 +86,8 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
         return f"it needs CUDA tensors, got {device.type} tensors"
     if dtype not in info.dtypes:
         return f"it does not support {dtype}"
+    if device.type == "cuda":
+        return probe_error(name)
     return None
 
 
@@ -80,7 +105,7 @@ def resolve(op: str, backend: str, accelerated: tuple[str, ...], device: torch.d
             return "torch"  # the expected path on CPU, not a fallback worth a log line
         reasons = []
         for name in accelerated:
-            why = _why_not(name, device, dtype)
+            why = why_not(name, device, dtype)
             if why is None:
                 return name
             reasons.append(f"{name}: {why}")
@@ -90,7 +115,7 @@ def resolve(op: str, backend: str, accelerated: tuple[str, ...], device: torch.d
     if backend not in accelerated:
         choices = ", ".join(["auto", "torch", *accelerated])
         raise ConfigError(f"memkit.ops.{op}: unknown backend {backend!r}; choose one of {choices}")
-    why = _why_not(backend, device, dtype)
+    why = why_not(backend, device, dtype)
     if why is not None:
         raise BackendUnavailableError(f"memkit.ops.{op}: backend {backend!r} cannot run: {why}")
     return backend

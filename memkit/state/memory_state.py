@@ -56,8 +56,18 @@ class MemoryState:
         return self._map(torch.Tensor.clone)
 
     def to(self, *args, **kwargs) -> "MemoryState":
-        """Like ``Tensor.to``; a dtype applies to floating tensors only."""
-        return self._map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else _to_device_only(t, args, kwargs))
+        """Like ``Tensor.to`` (a device, a dtype, or both). A dtype is the *activations'* dtype:
+        KV caches (names ending in ``.k`` / ``.v``) take it, recurrent states and gates take
+        :func:`state_dtype` of it, integer tensors keep theirs."""
+        device, dtype, non_blocking = _parse_to(args, kwargs)
+
+        def move(name: str, t: torch.Tensor) -> torch.Tensor:
+            target = None
+            if dtype is not None and t.is_floating_point():
+                target = dtype if name.rsplit(".", 1)[-1] in ("k", "v") else state_dtype(dtype)
+            return t.to(device=device, dtype=target, non_blocking=non_blocking)
+
+        return self.replace({name: move(name, t) for name, t in self.tensors.items()})
 
     @property
     def nbytes(self) -> int:
@@ -100,9 +110,21 @@ class MemoryState:
         return state
 
 
-def _to_device_only(t: torch.Tensor, args, kwargs) -> torch.Tensor:
-    device = kwargs.get("device")
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of recurrent states and gates for activations of ``dtype``: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _parse_to(args, kwargs) -> tuple[torch.device | None, torch.dtype | None, bool]:
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    non_blocking = kwargs.pop("non_blocking", False)
+    if kwargs:
+        raise TypeError(f"MemoryState.to got unexpected arguments {sorted(kwargs)}")
     for a in args:
-        if isinstance(a, (str, torch.device)):
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, (str, torch.device, int)):
             device = a
-    return t if device is None else t.to(device)
+        else:
+            raise TypeError(f"MemoryState.to takes a device and/or a dtype, got {a!r}")
+    return device, dtype, non_blocking

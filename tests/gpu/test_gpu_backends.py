@@ -39,9 +39,10 @@ def mamba_without_cuda_extension():
     backends.import_error.cache_clear()
 
 
-def need(name):
-    if not backends.is_available(name):
-        pytest.skip(f"{name} not installed here: {backends.import_error(name)}")
+def need(name, dtype=torch.float32):
+    why = backends.why_not(name, torch.device("cuda"), dtype)
+    if why is not None:
+        pytest.skip(f"{name} cannot run here: {why}")
 
 
 def linear_rnn_inputs(dtype, seed=0):

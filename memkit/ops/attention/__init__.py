@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from memkit.errors import ConfigError, DTypeError
+from memkit.errors import ConfigError, DTypeError, ShapeError
 from memkit.ops import backends
 from memkit.ops._checks import check_same_device, check_same_dtype, check_shape
 
@@ -27,8 +27,17 @@ def attention(q, k, v, attn_mask=None, scale=None, backend="auto"):
     check_shape("v", v, (B, k.shape[1], H, None), "(B, M, H, Dv)")
     check_same_dtype(q=q, k=k, v=v)
     check_same_device(q=q, k=k, v=v, attn_mask=attn_mask)
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        raise DTypeError(f"attn_mask must be boolean (True = may attend), got {attn_mask.dtype}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise DTypeError(f"attn_mask must be boolean (True = may attend), got {attn_mask.dtype}")
+        target = (B, H, q.shape[1], k.shape[1])
+        try:
+            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
+        except RuntimeError:
+            fits = False
+        if not fits:
+            shape = tuple(attn_mask.shape)
+            raise ShapeError(f"attn_mask of shape {shape} does not broadcast to (B, H, N, M) = {target}")
     if backend == "naive":
         return naive_attention(q, k, v, attn_mask, scale)
     # SDPA already reaches cuDNN / flash kernels, so "auto" prefers it over xformers.

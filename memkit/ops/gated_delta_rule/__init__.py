@@ -7,7 +7,9 @@ applied: the caller scales q.
 
 from __future__ import annotations
 
-from memkit.errors import ConfigError
+import torch
+
+from memkit.errors import BackendUnavailableError, ConfigError
 from memkit.ops import backends
 from memkit.ops._checks import check_same_device, check_same_dtype, check_shape
 
@@ -45,7 +47,15 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=Fa
     if q.shape[1] == 0:
         S = initial_state if initial_state is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
         return v.new_zeros(v.shape), (S.to(compute_dtype(q, initial_state)) if output_final_state else None)
-    chosen = backends.resolve("gated_delta_rule", backend, ("fla",), q.device, q.dtype)
+    kernels = ("fla",)
+    if mode == "recurrent" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta)):
+        # fla's fused recurrent kernel has no backward pass.
+        if backend == "fla":
+            raise BackendUnavailableError(
+                "gated_delta_rule: fla's recurrent kernel has no backward; use mode='chunk' to train with fla"
+            )
+        kernels = ()
+    chosen = backends.resolve("gated_delta_rule", backend, kernels, q.device, q.dtype)
     if chosen == "fla":
         from .fla import fla_gated_delta_rule
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memkit.errors import ConfigError, ShapeError
+from memkit.errors import ConfigError, DTypeError, ShapeError
 from memkit.ops._checks import check_rank
 
 __all__ = ["Rope3D", "rope_3d"]
@@ -76,11 +76,15 @@ class Rope3D:
             raise ShapeError(f"Rope3D: {N} tokens is not a whole number of {self.height}x{self.width} frames")
         frames = N // self.frame_tokens
         if isinstance(frame_offset, torch.Tensor):
+            if frame_offset.is_floating_point() or frame_offset.is_complex():
+                raise DTypeError(f"Rope3D: frame positions must be integers, got {frame_offset.dtype}")
             positions = frame_offset.to(x.device)
             if positions.shape != (frames,):
                 raise ShapeError(f"Rope3D: need {frames} frame positions, got shape {tuple(positions.shape)}")
+        elif isinstance(frame_offset, int) and not isinstance(frame_offset, bool):
+            positions = torch.arange(frames, device=x.device) + frame_offset
         else:
-            positions = torch.arange(frames, device=x.device) + int(frame_offset)
+            raise TypeError(f"Rope3D: frame_offset must be an int or a 1-D integer tensor, got {frame_offset!r}")
         ang = self.angles(positions)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = ang.cos().to(dtype)[:, None], ang.sin().to(dtype)[:, None]

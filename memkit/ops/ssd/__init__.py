@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from memkit.errors import ConfigError
 from memkit.ops import backends
-from memkit.ops._checks import check_same_device, check_shape
+from memkit.ops._checks import check_same_device, check_same_dtype, check_shape
 from memkit.ops.gated_delta_rule import check_linear_rnn_inputs
 from memkit.ops.gated_delta_rule.naive import compute_dtype
 
@@ -26,6 +26,7 @@ def ssd_scan(x, dt, A, B, C, initial_state=None, output_final_state=False, backe
         raise ConfigError(f"ssd_scan: mode must be 'chunk' or 'recurrent', got {mode!r}")
     check_linear_rnn_inputs("ssd_scan", C, B, x, {"dt": dt}, initial_state)
     check_shape("A", A, (x.shape[2],), "(H,)")
+    check_same_dtype(A=A)
     check_same_device(x=x, A=A)
     if x.shape[1] == 0:
         h = initial_state if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2], B.shape[3], x.shape[3])
