@@ -19,7 +19,7 @@ from .naive import compute_dtype, naive_recurrent_gated_delta_rule
 __all__ = ["gated_delta_rule", "naive_recurrent_gated_delta_rule", "chunk_gated_delta_rule_torch"]
 
 
-def check_linear_rnn_inputs(name, q, k, v, gates: dict, initial_state):
+def check_linear_rnn_inputs(q, k, v, gates: dict, initial_state):
     check_shape("q", q, (None, None, None, None), "(B, T, H, K)")
     B, T, H, K = q.shape
     check_shape("k", k, (B, T, H, K), "(B, T, H, K)")
@@ -43,12 +43,15 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=Fa
     """
     if mode not in ("chunk", "recurrent"):
         raise ConfigError(f"gated_delta_rule: mode must be 'chunk' or 'recurrent', got {mode!r}")
-    check_linear_rnn_inputs("gated_delta_rule", q, k, v, {"g": g, "beta": beta}, initial_state)
+    check_linear_rnn_inputs(q, k, v, {"g": g, "beta": beta}, initial_state)
     if q.shape[1] == 0:
         S = initial_state if initial_state is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
         return v.new_zeros(v.shape), (S.to(compute_dtype(q, initial_state)) if output_final_state else None)
     kernels = ("fla",)
-    if mode == "recurrent" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta)):
+    trains = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
+    )
+    if mode == "recurrent" and trains:
         # fla's fused recurrent kernel has no backward pass.
         if backend == "fla":
             raise BackendUnavailableError(

@@ -24,7 +24,7 @@ def ssd_scan(x, dt, A, B, C, initial_state=None, output_final_state=False, backe
     """Run the SSD scan; returns ``(y, final_state)``. backend: "auto" | "torch" | "fla" | "mamba_ssm"."""
     if mode not in ("chunk", "recurrent"):
         raise ConfigError(f"ssd_scan: mode must be 'chunk' or 'recurrent', got {mode!r}")
-    check_linear_rnn_inputs("ssd_scan", C, B, x, {"dt": dt}, initial_state)
+    check_linear_rnn_inputs(C, B, x, {"dt": dt}, initial_state)
     check_shape("A", A, (x.shape[2],), "(H,)")
     check_same_dtype(A=A)
     check_same_device(x=x, A=A)
