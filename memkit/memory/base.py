@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -33,12 +34,13 @@ class Memory(nn.Module):
                 raise ConfigError(f"build_memory: {name} must be a positive int, got {value!r}")
         self.cfg = cfg
         self.num_heads, self.head_dim, self.dim, self.frame_tokens = num_heads, head_dim, dim, frame_tokens
+        self._layouts: dict[tuple[int, torch.dtype], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
 
     # The config fields that decide what a state holds; others (the router horizon, backends) may change
     # between saving a state and resuming it.
     state_fields: ClassVar[tuple[str, ...]] = ("rope_mode",)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         return self.cfg.fingerprint(
             self.state_fields,
@@ -91,6 +93,14 @@ class Memory(nn.Module):
 
     def _parallel(self, q, k, v, x, chunk_frames, rope):
         raise NotImplementedError
+
+    def _layout(self, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of an empty state; memoised, as every read and commit checks against it."""
+        key = (batch, dtype)
+        if key not in self._layouts:
+            empty = self._empty_tensors(batch, torch.device("meta"), dtype)
+            self._layouts[key] = {name: (tuple(t.shape), t.dtype) for name, t in empty.items()}
+        return self._layouts[key]
 
     def _grows(self, name: str) -> bool:
         """Whether state tensor ``name`` grows along dim 1 as frames stream (an unbounded cache)."""
@@ -146,22 +156,22 @@ class Memory(nn.Module):
             )
         if state.batch != q.shape[0]:
             raise StateMismatchError(f"state holds {state.batch} streams but the chunk has batch {q.shape[0]}")
-        expected = self._empty_tensors(state.batch, torch.device("meta"), q.dtype)
+        expected = self._layout(state.batch, q.dtype)
         if set(expected) != set(state.tensors):
             raise StateMismatchError(
                 f"state tensors {sorted(state.tensors)} do not match this memory's {sorted(expected)}"
             )
-        for name, want in expected.items():
+        for name, (want_shape, want_dtype) in expected.items():
             got = state.tensors[name]
             grows = self._grows(name)  # an unbounded cache: any length along dim 1
             fixed = (lambda s: (s[0], *s[2:])) if grows else tuple
-            if got.dim() != want.dim() or fixed(got.shape) != fixed(want.shape):
+            if got.dim() != len(want_shape) or fixed(got.shape) != fixed(want_shape):
                 raise StateMismatchError(
-                    f"state tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+                    f"state tensor {name!r} has shape {tuple(got.shape)}, expected {want_shape}"
                 )
-            if got.dtype != want.dtype:
+            if got.dtype != want_dtype:
                 raise DTypeError(
-                    f"state tensor {name!r} is {got.dtype} but this chunk needs {want.dtype}; "
+                    f"state tensor {name!r} is {got.dtype} but this chunk needs {want_dtype}; "
                     f"use state.to(dtype) or init_state(dtype=...)"
                 )
         if state.device != q.device:
