@@ -46,3 +46,11 @@ class StateFormatError(MemkitError, ValueError):
 
 class BackendUnavailableError(MemkitError, ImportError):
     """A requested kernel backend is not installed or cannot run here."""
+
+
+class CheckpointError(MemkitError, ValueError):
+    """A model checkpoint or memory-weights file does not fit the model it is loaded into."""
+
+
+class AdapterError(MemkitError, RuntimeError):
+    """A model cannot be injected, is not injected, or an adapter handle was used after removal."""
