@@ -5,5 +5,7 @@ from .base import Memory
 from .config import MemoryConfig
 from .local import LocalMemory
 from .registry import build_memory, list_memories, memory_class, register_memory
+from .weights import load_memory, memory_modules, save_memory
 
-__all__ = ["Memory", "LocalMemory", "MemoryConfig", "build_memory", "list_memories", "memory_class", "register_memory"]
+__all__ = ["Memory", "LocalMemory", "MemoryConfig", "build_memory", "list_memories", "memory_class", "register_memory",
+           "save_memory", "load_memory", "memory_modules"]

@@ -84,7 +84,42 @@ class Memory(nn.Module):
         self._check_tokens(q, k, v, x, rope)
         return self._parallel(q, k, v, x, chunk_frames, rope)
 
+    def held_frames(self, frames: int) -> list[int]:
+        """Stream indices of the frames whose keys and values the memory holds after ``frames`` committed ones
+        (what a chunk starting there attends to besides itself), oldest first."""
+        raise NotImplementedError
+
+    def recache(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None,
+                chunk_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """Re-encode the frames the memory holds from fresh ``q, k, v, x`` (say, under a new prompt).
+
+        The tokens are those of ``held_frames(state.frames)``, in that order. The held keys, values and gates
+        are replaced by the new ones; the frame count and any global memory are kept. Returns the frames'
+        outputs (each attends to the held frames of its own and earlier chunks, ``chunk_ids`` giving each
+        frame's chunk; by default every frame is its own chunk) and the new state.
+        """
+        self._check_tokens(q, k, v, x, rope)
+        self._check_state(state, q)
+        held = self.held_frames(state.frames)
+        if not held:
+            raise StateMismatchError("recache: the memory holds no frames yet (commit a chunk first)")
+        if q.shape[1] != len(held) * self.frame_tokens:
+            raise ShapeError(
+                f"recache needs the {len(held)} frames the memory holds (stream frames {_span(held)}), "
+                f"got {q.shape[1] // self.frame_tokens}"
+            )
+        if chunk_ids is None:
+            chunk_ids = torch.tensor(held, device=q.device)
+        if not isinstance(chunk_ids, torch.Tensor) or chunk_ids.shape != (len(held),) or chunk_ids.is_floating_point():
+            raise ShapeError(f"recache: chunk_ids must be {len(held)} integers, one per held frame")
+        if bool((chunk_ids.diff() < 0).any()):
+            raise ConfigError("recache: chunk_ids must not decrease (frames are held in stream order)")
+        return self._recache(state, q, k, v, x, rope, chunk_ids.to(q.device))
+
     # -- to implement ---------------------------------------------------------
+    def _recache(self, state, q, k, v, x, rope, chunk_ids):
+        raise NotImplementedError
+
     def _empty_tensors(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -176,3 +211,13 @@ class Memory(nn.Module):
                 )
         if state.device != q.device:
             raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")
+
+
+def _span(frames: list[int]) -> str:
+    """``[0, 1, 2, 7, 8]`` -> ``"0-2, 7-8"``."""
+    runs, start = [], frames[0]
+    for prev, cur in zip(frames, frames[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = cur
+    return ", ".join(runs)

@@ -33,8 +33,7 @@ class LocalMemory(Memory):
         rest = t - n_sink
         return n_sink, rest if self.window_frames is None else min(self.window_frames, rest)
 
-    def _context_frames(self, t: int) -> list[int]:
-        """Stream indices of the frames a chunk starting at frame ``t`` attends to, before itself."""
+    def held_frames(self, t: int) -> list[int]:
         sink = range(min(self.sink_frames, t))
         lo = self.sink_frames if self.window_frames is None else max(self.sink_frames, t - self.window_frames)
         return [*sink, *range(lo, t)]
@@ -143,6 +142,35 @@ class LocalMemory(Memory):
             self._global_write(new_tensors, evicted)
         return y, state.replace(new_tensors, frames=t + q.shape[1] // T)
 
+    # -- recache (re-encode the held frames, keep the global memory) --------------------
+    def _recache(self, state, q, k, v, x, rope, chunk_ids):
+        T, t = self.frame_tokens, state.frames
+        held = torch.tensor(self.held_frames(t), device=q.device)
+        q_att, k_att = q, k
+        if rope is not None and self.cfg.rope_mode == "absolute":
+            q, k = rope(q, held), rope(k, held)  # the cache keeps keys rotated at their stream positions
+            q_att, k_att = q, k
+        elif rope is not None:
+            q_att, k_att = rope(q, 0), rope(k, 0)  # slots 0 .. n-1, as a read would place them
+        token_chunk = chunk_ids.repeat_interleave(T)
+        mask = token_chunk[None, :] <= token_chunk[:, None]
+        y = attention(q_att, k_att, v, attn_mask=mask, backend=self.cfg.attention_backend)
+        tensors = state.tensors
+        g = self._global_read(tensors, q, x, t)
+        if g is not None:
+            y = y + g
+        n_sink = self._counts(t)[0] * T
+        fresh = {"k": k, "v": v, **self._token_gates(x[:, n_sink:])}
+        new_tensors = dict(tensors)
+        for name, value in fresh.items():
+            if name in ("k", "v"):
+                sink = tensors[f"sink.{name}"]
+                new_tensors[f"sink.{name}"] = torch.cat([value[:, :n_sink], sink[:, n_sink:]], dim=1)
+                value = value[:, n_sink:]
+            win = tensors[f"win.{name}"]
+            new_tensors[f"win.{name}"] = torch.cat([win[:, : win.shape[1] - value.shape[1]], value], dim=1)
+        return y, state.replace(new_tensors)
+
     # -- parallel (teacher forcing) -------------------------------------------------
     def _parallel(self, q, k, v, x, chunk_frames, rope):
         T = self.frame_tokens
@@ -151,7 +179,7 @@ class LocalMemory(Memory):
         outs = []
         for c0 in range(0, frames, chunk_frames):
             c1 = min(frames, c0 + chunk_frames)
-            ctx = self._context_frames(c0) + list(range(c0, c1))
+            ctx = self.held_frames(c0) + list(range(c0, c1))
             idx = (torch.tensor(ctx, device=q.device)[:, None] * T + torch.arange(T, device=q.device)).flatten()
             qc, kc, vc = q[:, c0 * T: c1 * T], k[:, idx], v[:, idx]
             if rope is not None and self.cfg.rope_mode == "relative":

@@ -34,8 +34,8 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
             os.unlink(tmp)
 
 
-def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`write`; every way it can be wrong is a StateFormatError."""
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of any safetensors file; an unreadable one is a StateFormatError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
@@ -45,6 +45,12 @@ def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], d
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise StateFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    return tensors, header
+
+
+def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`write`; every way it can be wrong is a StateFormatError."""
+    tensors, header = read_safetensors(path, what)
     if SCHEMA_KEY not in header:
         raise StateFormatError(f"{path} is a safetensors file but not a memkit {what} (no {SCHEMA_KEY!r} metadata)")
     version = header[SCHEMA_KEY]

@@ -2,49 +2,67 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from memkit.errors import StateFormatError
 
 from . import io
-from .memory_state import MemoryState
+from .memory_state import MemoryState, _parse_to
+
+# The tensor groups of a stream state, each saved under its own key prefix.
+_GROUPS = ("prompt_cache", "context", "decoder")
+_PREFIX = {"prompt_cache": "prompt.", "context": "context.", "decoder": "decoder."}
 
 
 @dataclass(frozen=True, eq=False)
 class StreamState:
-    """Every layer's :class:`MemoryState`, the frame cursor, the prompt cache and the RNG state."""
+    """Every layer's :class:`MemoryState`, the frame cursor, and what a generator needs beside them.
+
+    layers: one memory state per injected block.
+    cursor: latent frames committed so far (every layer's ``frames``).
+    prompt_cache: the prompt embeddings the stream is conditioned on now.
+    rng: the noise generator's state (``torch.Generator.get_state()``, a CPU byte tensor).
+    context: clean latents of the frames the local memories hold, with their stream indices and
+        chunk ids, so a prompt switch can re-encode them.
+    decoder: a streaming VAE decoder's causal cache, so decoded frames also resume seamlessly.
+    info: JSON-able facts (chunk index, active prompt, decoder cache layout, ...).
+    """
 
     layers: tuple[MemoryState, ...]
     cursor: int = 0
     prompt_cache: Mapping[str, torch.Tensor] = field(default_factory=dict)
     rng: torch.Tensor | None = None
+    context: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    decoder: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "prompt_cache", MappingProxyType(dict(self.prompt_cache)))
+        for name in (*_GROUPS, "info"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        try:
+            json.dumps(dict(self.info))
+        except TypeError as exc:
+            raise TypeError(f"StreamState.info must be JSON-able: {exc}") from None
 
-    def replace(self, layers: Sequence[MemoryState] | None = None, cursor: int | None = None,
-                prompt_cache: Mapping[str, torch.Tensor] | None = None,
-                rng: torch.Tensor | None = None) -> "StreamState":
-        return StreamState(
-            self.layers if layers is None else tuple(layers),
-            self.cursor if cursor is None else cursor,
-            self.prompt_cache if prompt_cache is None else prompt_cache,
-            self.rng if rng is None else rng,
-        )
+    def replace(self, **changes) -> "StreamState":
+        """A copy with the given fields changed (``layers=``, ``cursor=``, ``context=``, ...)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"StreamState has no fields {sorted(unknown)}")
+        return replace(self, **changes)
 
     def _map(self, fn_layer, fn_tensor) -> "StreamState":
-        return StreamState(
-            tuple(fn_layer(s) for s in self.layers),
-            self.cursor,
-            {k: fn_tensor(t) for k, t in self.prompt_cache.items()},
-            None if self.rng is None else self.rng.clone(),
-        )
+        groups = {name: {k: fn_tensor(t) for k, t in getattr(self, name).items()} for name in _GROUPS}
+        rng = None if self.rng is None else self.rng.clone()
+        return replace(self, layers=tuple(fn_layer(s) for s in self.layers), rng=rng, **groups)
 
     def detach(self) -> "StreamState":
         return self._map(MemoryState.detach, torch.Tensor.detach)
@@ -53,43 +71,50 @@ class StreamState:
         return self._map(MemoryState.clone, torch.Tensor.clone)
 
     def to(self, *args, **kwargs) -> "StreamState":
-        return self._map(lambda s: s.to(*args, **kwargs), lambda t: t.to(*args, **kwargs))
+        """Move every tensor (the RNG state stays a CPU byte tensor); a dtype casts floating tensors only."""
+        device, dtype, non_blocking = _parse_to(args, kwargs)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=non_blocking)
+
+        return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking), move)
 
     @property
     def nbytes(self) -> int:
-        prompt = sum(t.numel() * t.element_size() for t in self.prompt_cache.values())
-        return sum(s.nbytes for s in self.layers) + prompt
+        extra = sum(t.numel() * t.element_size() for name in _GROUPS for t in getattr(self, name).values())
+        return sum(s.nbytes for s in self.layers) + extra
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {"cursor": torch.tensor(self.cursor, dtype=torch.int64)}
-        for i, layer in enumerate(self.layers):
-            out.update({f"layers.{i}.{k}": t for k, t in layer.state_dict().items()})
-        out.update({f"prompt.{k}": t for k, t in self.prompt_cache.items()})
+    def _flat(self, layer_tensors) -> dict[str, torch.Tensor]:
+        out = {f"layers.{i}.{k}": t for i, layer in enumerate(self.layers) for k, t in layer_tensors(layer).items()}
+        for name in _GROUPS:
+            out.update({_PREFIX[name] + k: t for k, t in getattr(self, name).items()})
         if self.rng is not None:
             out["rng"] = self.rng
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors: every layer's (frame counts included), the cursor, prompt, context, decoder, rng."""
+        return {"cursor": torch.tensor(self.cursor, dtype=torch.int64), **self._flat(MemoryState.state_dict)}
+
     def save(self, path: str | os.PathLike) -> None:
-        tensors = {f"layers.{i}.{k}": t for i, layer in enumerate(self.layers) for k, t in layer.tensors.items()}
-        tensors.update({f"prompt.{k}": t for k, t in self.prompt_cache.items()})
-        if self.rng is not None:
-            tensors["rng"] = self.rng
-        meta = {"type": "StreamState", "cursor": self.cursor, "layers": [layer.meta() for layer in self.layers]}
-        io.write(path, tensors, meta)
+        meta = {"type": "StreamState", "cursor": self.cursor, "layers": [layer.meta() for layer in self.layers],
+                "info": dict(self.info)}
+        io.write(path, self._flat(lambda layer: dict(layer.tensors)), meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "StreamState":
         tensors, meta = io.read(path, "stream state")
         if meta.get("type") != "StreamState":
             raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not a StreamState")
-        layers = []
-        for i, layer_meta in enumerate(meta.get("layers", [])):
-            prefix = f"layers.{i}."
-            layer_tensors = {k[len(prefix):]: t.to(map_location) for k, t in tensors.items() if k.startswith(prefix)}
-            layers.append(MemoryState.from_meta(layer_tensors, layer_meta))
-        prompt = {k[len("prompt."):]: t.to(map_location) for k, t in tensors.items() if k.startswith("prompt.")}
+
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: t.to(map_location) for k, t in tensors.items() if k.startswith(prefix)}
+
+        layers = [MemoryState.from_meta(group(f"layers.{i}."), layer_meta)
+                  for i, layer_meta in enumerate(meta.get("layers", []))]
         try:
             cursor = int(meta["cursor"])
         except (KeyError, TypeError, ValueError):
             raise StateFormatError(f"{path}: stream state metadata has no cursor") from None
-        return cls(tuple(layers), cursor, prompt, tensors.get("rng"))
+        groups = {name: group(_PREFIX[name]) for name in _GROUPS}
+        return cls(tuple(layers), cursor, rng=tensors.get("rng"), info=meta.get("info", {}), **groups)

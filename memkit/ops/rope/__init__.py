@@ -19,7 +19,7 @@ import torch
 from memkit.errors import ConfigError, DTypeError, ShapeError
 from memkit.ops._checks import check_rank
 
-__all__ = ["Rope3D", "rope_3d"]
+__all__ = ["Rope3D", "TabulatedRope3D", "rope_3d"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ class Rope3D:
             dim=-1,
         ).reshape(F * H * W, -1)
 
+    def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+    def cos_sin(self, frame_positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation angles, ``(frames * height * width, head_dim // 2)`` each, in ``dtype``."""
+        ang = self.angles(frame_positions)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
     def __call__(self, x: torch.Tensor, frame_offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotate ``x`` ``(B, N, heads, head_dim)``; frames sit at ``frame_offset + arange(N // frame_tokens)``,
         or at the per-frame positions given as a 1-D tensor."""
@@ -78,19 +86,87 @@ class Rope3D:
         if isinstance(frame_offset, torch.Tensor):
             if frame_offset.is_floating_point() or frame_offset.is_complex():
                 raise DTypeError(f"Rope3D: frame positions must be integers, got {frame_offset.dtype}")
-            positions = frame_offset.to(x.device)
-            if positions.shape != (frames,):
-                raise ShapeError(f"Rope3D: need {frames} frame positions, got shape {tuple(positions.shape)}")
+            if frame_offset.shape != (frames,):
+                raise ShapeError(f"Rope3D: need {frames} frame positions, got shape {tuple(frame_offset.shape)}")
+            key = tuple(frame_offset.tolist())
         elif isinstance(frame_offset, int) and not isinstance(frame_offset, bool):
-            positions = torch.arange(frames, device=x.device) + frame_offset
+            key = (frame_offset, frame_offset + frames)
         else:
             raise TypeError(f"Rope3D: frame_offset must be an int or a 1-D integer tensor, got {frame_offset!r}")
-        ang = self.angles(positions)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = ang.cos().to(dtype)[:, None], ang.sin().to(dtype)[:, None]
+        dtype = self.compute_dtype(x.dtype)
+        cos, sin = self._memo(key, dtype, x.device, frame_offset, frames)
         x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)
         out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
         return out.to(x.dtype)
+
+    def _memo(self, key, dtype, device, frame_offset, frames):
+        # Every layer of a backbone rotates at the same positions in a pass: compute cos/sin once per pass.
+        memo = self.__dict__.setdefault("_cos_sin_memo", {})
+        full_key = (key if isinstance(frame_offset, torch.Tensor) else ("range", *key), dtype, device)
+        if full_key not in memo:
+            if isinstance(frame_offset, torch.Tensor):
+                positions = frame_offset.to(device)
+            else:
+                positions = torch.arange(frames, device=device) + frame_offset
+            if len(memo) >= 16:
+                memo.pop(next(iter(memo)))
+            cos, sin = self.cos_sin(positions, dtype)
+            memo[full_key] = (cos[:, None], sin[:, None])
+        return memo[full_key]
+
+
+class TabulatedRope3D(Rope3D):
+    """A :class:`Rope3D` that reads its angles' cos / sin from a backbone's precomputed tables.
+
+    ``cos_table`` / ``sin_table`` are ``(max_positions, head_dim)`` with each pair's value repeated
+    (``[c0, c0, c1, c1, ...]``) and the channel blocks ``[time | height | width]``, the layout of
+    diffusers' ``WanRotaryPosEmbed.freqs_cos / freqs_sin``. Rotating with the backbone's own tables
+    reproduces its attention bit for bit; positions past the table are an error, not an extrapolation.
+    """
+
+    def __init__(self, cos_table: torch.Tensor, sin_table: torch.Tensor, height: int, width: int):
+        check_rank("cos_table", cos_table, 2, "(max_positions, head_dim)")
+        if sin_table.shape != cos_table.shape:
+            raise ShapeError(f"sin_table {tuple(sin_table.shape)} and cos_table {tuple(cos_table.shape)} differ")
+        super().__init__(cos_table.shape[1], height, width)
+        if max(height, width) > cos_table.shape[0]:
+            raise ConfigError(f"a {height}x{width} frame does not fit a RoPE table of {cos_table.shape[0]} positions")
+        object.__setattr__(self, "cos_table", cos_table[:, 0::2])
+        object.__setattr__(self, "sin_table", sin_table[:, 0::2])
+
+    __eq__ = object.__eq__  # tables differ where the dataclass fields agree
+    __hash__ = object.__hash__
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos_table.shape[0]
+
+    def compute_dtype(self, x_dtype):
+        # What the backbone does: x times its table, in their promoted dtype.
+        return torch.promote_types(x_dtype, self.cos_table.dtype)
+
+    def cos_sin(self, frame_positions, dtype):
+        if len(frame_positions) and int(frame_positions.max()) >= self.max_positions:
+            raise ConfigError(
+                f"frame position {int(frame_positions.max())} is past the backbone's RoPE table "
+                f"({self.max_positions} positions); stream longer videos with MemoryConfig(rope_mode='relative')"
+            )
+        dt, dh, _ = (d // 2 for d in self.axis_dims)
+        dev = self.cos_table.device
+        frame_positions = frame_positions.to(dev)
+        F, H, W = len(frame_positions), self.height, self.width
+
+        def grid(table):
+            t = table[frame_positions, :dt]
+            h = table[:H, dt: dt + dh]
+            w = table[:W, dt + dh:]
+            return torch.cat([
+                t[:, None, None].expand(F, H, W, -1),
+                h[None, :, None].expand(F, H, W, -1),
+                w[None, None, :].expand(F, H, W, -1),
+            ], dim=-1).reshape(F * H * W, -1).to(dtype)
+
+        return grid(self.cos_table), grid(self.sin_table)
 
 
 def rope_3d(x, height, width, frame_offset=0, theta=10000.0):
