@@ -1,0 +1,519 @@
+"""What every backbone adapter shares: injection and removal, the handle, and the per-pass plumbing.
+
+A backbone adapter (one file per family, e.g. ``wan.py``) says where a model's attention modules are,
+how its self-attention projects q, k, v, where its RoPE tables live and how to call the model on a
+chunk. Everything else is here:
+
+* ``inject`` puts a memory beside each block's self-attention (a registered submodule, so its
+  parameters train and save with the model), swaps the attention processors (the diffusers seam) for
+  memory-backed ones, and returns an :class:`AdapterHandle`;
+* the handle runs the *stock* forward of the model on a latent chunk; during that call the processors
+  route each block's q, k, v through its memory: ``read`` (denoising passes), ``commit`` (the context
+  pass), ``recache`` (re-encode the held frames after a prompt switch), or ``parallel`` (a whole clip,
+  block-causal, when the model is called directly, e.g. in teacher-forced training);
+* ``remove`` restores the original processors and deletes the memories: the stock model again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from memkit.errors import AdapterError, ConfigError, DeviceError, DTypeError, ShapeError, StateMismatchError
+from memkit.memory import Memory, MemoryConfig, build_memory
+from memkit.ops import TabulatedRope3D
+from memkit.ops._checks import check_finite
+from memkit.state import MemoryState, StreamState
+
+HANDLE_ATTR = "_memkit_handle"
+MEMORY_ATTR = "memory"
+
+_BACKBONES: list[type[BackboneAdapter]] = []
+
+
+def register_backbone(cls: type[BackboneAdapter]) -> type[BackboneAdapter]:
+    """Class decorator: make ``inject`` use this adapter for the models it ``matches``."""
+    _BACKBONES.insert(0, cls)  # later registrations (subclasses, user adapters) win
+    return cls
+
+
+def list_backbones() -> list[str]:
+    return sorted(cls.name for cls in _BACKBONES)
+
+
+class BackboneAdapter:
+    """How to drive one backbone family. Subclasses fill in the methods below; see ``wan.py``."""
+
+    name: ClassVar[str] = "?"
+    #: latent (height, width) of the family's native resolution, used when ``inject`` gets no ``latent_size``
+    default_latent_size: ClassVar[tuple[int, int]] = (60, 104)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # -- the model's layout --------------------------------------------------------------
+    def attention_modules(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """Per block, (self-attention module, cross-attention module or None)."""
+        raise NotImplementedError
+
+    def dims(self) -> Dims:
+        raise NotImplementedError
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's RoPE (cos, sin) tables, ``(max_positions, head_dim)``, in TabulatedRope3D's layout."""
+        raise NotImplementedError
+
+    # -- one self-attention call ------------------------------------------------------------
+    def self_attention_qkv(self, attn: nn.Module, hidden_states: torch.Tensor):
+        """q, k, v ``(B, N, heads, head_dim)`` before RoPE, as the backbone's own processor computes them."""
+        raise NotImplementedError
+
+    def self_attention_out(self, attn: nn.Module, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The backbone's output projection of the mixed heads ``y (B, N, heads, head_dim)``."""
+        raise NotImplementedError
+
+    def cross_attention_processor(self, handle: AdapterHandle, original):
+        """A processor for the cross-attention that caches prompt K/V, or None to keep the original."""
+        return None
+
+    # -- one forward ---------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        """The stock model's prediction for ``latents``; ``timestep`` is ``(B,)`` or per frame ``(B, F)``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dims:
+    num_heads: int
+    head_dim: int
+    dim: int
+    in_channels: int
+    patch_size: tuple[int, int, int]
+    text_dim: int
+
+
+@dataclass
+class _Pass:
+    """What the processors of one forward need: the mode, the layers' states, and where to put new ones."""
+
+    mode: str  # "read" | "commit" | "recache"
+    states: tuple[MemoryState, ...]
+    prompt_key: int | None
+    chunk_ids: torch.Tensor | None = None
+    new_states: list = field(default_factory=list)
+
+
+class MemorySelfAttention:
+    """The self-attention processor of an injected block: the backbone's projections around a memory."""
+
+    _attention_backend = None  # diffusers' set_attention_backend looks for these; the memory picks its kernels
+    _parallel_config = None
+
+    def __init__(self, handle: AdapterHandle, index: int):
+        self.handle, self.index = handle, index
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        # The memory decides what each token attends to, so a causal mask the backbone builds itself
+        # (SkyReels-V2's num_frame_per_block) and its rotary tables for frames 0.. are not used here.
+        backbone = self.handle.backbone
+        q, k, v = backbone.self_attention_qkv(attn, hidden_states)
+        y = self.handle._mix(self.index, getattr(attn, MEMORY_ATTR), q, k, v, hidden_states)
+        return backbone.self_attention_out(attn, y, like=q)
+
+
+class AdapterHandle:
+    """An injected model, driven chunk by chunk. Mirrors the memory API on latent chunks ``(B, C, F, H, W)``.
+
+    States are :class:`memkit.StreamState` values: every layer's memory state, the frame cursor, and the
+    clean latents of the frames the memories hold (``context``, for :meth:`recache`). No method changes
+    a state in place, so any state can be resumed or forked from.
+    """
+
+    def __init__(self, model: nn.Module, backbone: BackboneAdapter, cfg: MemoryConfig, chunk_frames: int,
+                 latent_size: tuple[int, int] | None, freeze_backbone: bool):
+        if not isinstance(cfg, MemoryConfig):
+            raise ConfigError(f"inject needs a memkit.MemoryConfig, got {type(cfg).__name__}")
+        if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+            raise ConfigError(f"inject: chunk_frames must be a positive int, got {chunk_frames!r}")
+        self.model, self.backbone, self.cfg, self.chunk_frames = model, backbone, cfg, chunk_frames
+        self.dims = d = backbone.dims()
+        size = tuple(latent_size or backbone.default_latent_size)
+        if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+            raise ConfigError(f"inject: latent_size must be (height, width) of the latents, got {latent_size!r}")
+        _, ph, pw = d.patch_size
+        if size[0] % ph or size[1] % pw:
+            raise ConfigError(f"inject: latent_size {size} is not divisible by the patch size {d.patch_size[1:]}")
+        self.latent_size = size
+        self.grid = (size[0] // ph, size[1] // pw)  # tokens per frame: height x width after patching
+        modules = backbone.attention_modules()
+        if not modules:
+            raise AdapterError(f"{type(model).__name__} has no attention blocks to inject into")
+        for i, (attn, _) in enumerate(modules):
+            if hasattr(attn, MEMORY_ATTR):
+                raise AdapterError(f"block {i}'s self-attention already has an attribute {MEMORY_ATTR!r}")
+        param = next(model.parameters())
+        memories = [
+            build_memory(cfg, num_heads=d.num_heads, head_dim=d.head_dim, dim=d.dim,
+                         frame_tokens=self.grid[0] * self.grid[1]).to(device=param.device, dtype=param.dtype)
+            for _ in modules
+        ]
+        # Nothing of the model was touched above; from here on, every change is recorded for remove().
+        self._originals = []
+        self._frozen = {}
+        if freeze_backbone:
+            for name, p in model.named_parameters():
+                self._frozen[name] = p.requires_grad
+                p.requires_grad_(False)
+        for i, ((attn, cross), mem) in enumerate(zip(modules, memories)):
+            cross_proc = backbone.cross_attention_processor(self, cross.processor) if cross is not None else None
+            self._originals.append((attn, attn.processor, cross, cross.processor if cross is not None else None))
+            attn.add_module(MEMORY_ATTR, mem)
+            attn.set_processor(MemorySelfAttention(self, i))
+            if cross_proc is not None:
+                cross.set_processor(cross_proc)
+        self.memories = memories
+        self._pass: _Pass | None = None
+        self._prompts: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
+        self._prompt_ids = itertools.count()
+        self._rope: tuple[tuple, TabulatedRope3D] | None = None
+        self.removed = False
+        object.__setattr__(model, HANDLE_ATTR, self)  # a plain attribute, not a submodule
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"{len(self.memories)} layers"
+        return (f"AdapterHandle({self.backbone.name}, {self.cfg.kind}, chunk_frames={self.chunk_frames}, "
+                f"latent_size={self.latent_size}, {state})")
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.memories)
+
+    def memory_parameters(self) -> Iterator[nn.Parameter]:
+        """The memories' parameters (what fine-tuning trains)."""
+        for mem in self.memories:
+            yield from mem.parameters()
+
+    def held_frames(self, cursor: int) -> list[int]:
+        """Stream indices of the frames the memories hold after ``cursor`` committed frames."""
+        return self.memories[0].held_frames(cursor)
+
+    def init_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> StreamState:
+        """An empty stream for ``batch`` videos; device and dtype default to the model's."""
+        self._check_live()
+        param = next(self.model.parameters())
+        device = param.device if device is None else torch.device(device)
+        dtype = param.dtype if dtype is None else dtype
+        return StreamState(tuple(mem.init_state(batch, device=device, dtype=dtype) for mem in self.memories))
+
+    def read(self, state: StreamState, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
+        """The model's prediction for a noisy chunk given the memory before it (a denoising pass)."""
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True)
+        with self._running("read", state, encoder_hidden_states):
+            return self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
+
+    def commit(self, state: StreamState, latents, timestep, encoder_hidden_states,
+               **kwargs) -> tuple[torch.Tensor, StreamState]:
+        """What ``read`` returns for this chunk, and the stream advanced past it (the context pass)."""
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True)
+        return self._commit(state, latents, t, encoder_hidden_states, **kwargs)
+
+    def prefill(self, state: StreamState, latents, encoder_hidden_states, timestep=0.0, **kwargs) -> StreamState:
+        """Commit clean latents of any length (an encoded image, a video to extend) before generating.
+
+        The prefix is committed in pieces of ``chunk_frames``, the remainder first, so that a prefix
+        made of whole chunks is committed exactly as a stream would have committed it.
+        """
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=False)
+        F = latents.shape[2]
+        sizes = ([F % self.chunk_frames] if F % self.chunk_frames else []) + [self.chunk_frames] * (
+            F // self.chunk_frames)
+        f0 = 0
+        for size in sizes:
+            piece_t = t[:, f0: f0 + size] if t.ndim == 2 else t
+            _, state = self._commit(state, latents[:, :, f0: f0 + size], piece_t, encoder_hidden_states, **kwargs)
+            f0 += size
+        return state
+
+    def recache(self, state: StreamState, encoder_hidden_states, **kwargs) -> StreamState:
+        """Re-encode the frames the memories hold under new conditioning (a prompt switch).
+
+        Runs the context pass again over the held frames' clean latents (kept in ``state.context``),
+        each frame attending to the held frames of its own and earlier chunks; the global memory and the
+        cursor are kept.
+        """
+        self.check_state(state)
+        if state.cursor == 0:
+            return state
+        ctx = state.context
+        latents, t = ctx["latents"], ctx["timestep"]
+        self._check_prompt(encoder_hidden_states, latents)
+        if bool((t == t[:, :1]).all()):
+            t = t[:, 0]
+        with self._running("recache", state, encoder_hidden_states, chunk_ids=ctx["chunks"]) as p:
+            self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
+        return state.replace(layers=tuple(p.new_states))
+
+    def parallel(self, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
+        """A whole clip at once, block-causal over chunks of ``chunk_frames`` (teacher forcing).
+
+        The same as calling the injected model directly; equals streaming the clip with ``commit``.
+        """
+        self._check_live()
+        self._check_latents(latents, exact=False)
+        t = self._timestep(timestep, latents)
+        self._check_prompt(encoder_hidden_states, latents)
+        return self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
+
+    def remove(self) -> None:
+        remove(self.model)
+
+    # -- the processors' side -----------------------------------------------------------------
+    def rope(self) -> TabulatedRope3D:
+        """The backbone's RoPE tables for this injection's frame grid (one object per table, shared by layers)."""
+        cos, sin = self.backbone.rope_tables()
+        key = (cos.data_ptr(), cos.dtype, cos.device, cos._version)
+        if self._rope is None or self._rope[0] != key:
+            self._rope = (key, TabulatedRope3D(cos, sin, *self.grid))
+        return self._rope[1]
+
+    def _mix(self, index: int, mem: Memory, q, k, v, x) -> torch.Tensor:
+        p = self._pass
+        if p is None:  # the model called directly: teacher forcing over the whole clip
+            return mem.parallel(q, k, v, x, self.chunk_frames, rope=self.rope())
+        state = p.states[index]
+        if p.mode == "read":
+            return mem.read(state, q, k, v, x, rope=self.rope())
+        if p.mode == "commit":
+            y, new = mem.commit(state, q, k, v, x, rope=self.rope())
+        else:
+            y, new = mem.recache(state, q, k, v, x, rope=self.rope(), chunk_ids=p.chunk_ids)
+        p.new_states[index] = new
+        return y
+
+    def prompt_key(self) -> int | None:
+        """An id of the prompt of the pass in progress, for caching its cross-attention K/V (None: no cache)."""
+        return None if self._pass is None else self._pass.prompt_key
+
+    # -- internals ------------------------------------------------------------------------
+    @contextmanager
+    def _running(self, mode: str, state: StreamState, encoder_hidden_states, chunk_ids=None):
+        if self._pass is not None:
+            raise AdapterError("this adapter is already running a pass (re-entrant call)")
+        p = _Pass(mode, state.layers, self._prompt_id(encoder_hidden_states), chunk_ids,
+                  [None] * len(self.memories))
+        self._pass = p
+        try:
+            yield p
+        finally:
+            self._pass = None
+        if mode != "read" and any(s is None for s in p.new_states):
+            raise AdapterError(f"the {mode} pass did not reach every injected block")
+
+    def _commit(self, state, latents, t, encoder_hidden_states, **kwargs):
+        with self._running("commit", state, encoder_hidden_states) as p:
+            pred = self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
+        F = latents.shape[2]
+        cursor = state.cursor + F
+        context = self._held_context(state, latents, t, cursor)
+        return pred, state.replace(layers=tuple(p.new_states), cursor=cursor, context=context)
+
+    def _held_context(self, state: StreamState, latents, t, cursor: int) -> dict[str, torch.Tensor]:
+        """The clean latents (with frame index, chunk id and timestep) of the frames held after a commit."""
+        B, _, F = latents.shape[:3]
+        ctx = state.context
+        dev = latents.device
+        chunk = int(ctx["chunks"].max()) + 1 if ctx else 0
+        new = {
+            "latents": latents,
+            "frames": torch.arange(state.cursor, cursor, device=dev),
+            "chunks": torch.full((F,), chunk, device=dev),
+            "timestep": (t[:, None].expand(B, F) if t.ndim == 1 else t).to(torch.float32),
+        }
+        if ctx:
+            dims = {"latents": 2, "frames": 0, "chunks": 0, "timestep": 1}
+            new = {name: torch.cat([ctx[name], value], dim=dims[name]) for name, value in new.items()}
+        held = torch.tensor(self.held_frames(cursor), device=dev, dtype=new["frames"].dtype)
+        keep = torch.isin(new["frames"], held)
+        if bool(keep.all()):
+            return new
+        idx = keep.nonzero().flatten()
+        return {"latents": new["latents"][:, :, idx], "frames": new["frames"][idx], "chunks": new["chunks"][idx],
+                "timestep": new["timestep"][:, idx]}
+
+    def _prompt_id(self, encoder_hidden_states: torch.Tensor) -> int | None:
+        # The same tensor object, unmodified since, is the same prompt. Holding a reference keeps its id
+        # from being reused by another tensor.
+        if encoder_hidden_states.requires_grad:
+            return None
+        for key, (ref, version) in self._prompts.items():
+            if ref is encoder_hidden_states and version == encoder_hidden_states._version:
+                self._prompts.move_to_end(key)
+                return key
+        key = next(self._prompt_ids)
+        self._prompts[key] = (encoder_hidden_states, encoder_hidden_states._version)
+        while len(self._prompts) > 4:
+            self._prompts.popitem(last=False)
+        return key
+
+    # -- checks (before anything runs: a bad call changes nothing) -----------------------------
+    def _check_live(self) -> None:
+        if self.removed:
+            raise AdapterError("this adapter was removed from its model; inject again to use it")
+
+    def _check_chunk(self, state, latents, timestep, encoder_hidden_states, exact: bool) -> torch.Tensor:
+        self.check_state(state)
+        self._check_latents(latents, exact)
+        if latents.shape[0] != state.layers[0].batch:
+            raise StateMismatchError(
+                f"the state holds {state.layers[0].batch} streams but the latents have batch {latents.shape[0]}"
+            )
+        if latents.device != state.layers[0].device:
+            raise DeviceError(f"latents are on {latents.device} but the state on {state.layers[0].device}")
+        self._check_prompt(encoder_hidden_states, latents)
+        return self._timestep(timestep, latents)
+
+    def check_state(self, state) -> None:
+        """Raise if ``state`` cannot continue on this adapter (layers, configs, cursor)."""
+        self._check_live()
+        if not isinstance(state, StreamState):
+            raise TypeError(f"state must be a memkit.StreamState (from init_state or commit), got "
+                            f"{type(state).__name__}")
+        if len(state.layers) != len(self.memories):
+            raise StateMismatchError(
+                f"the state has {len(state.layers)} layers but this model has {len(self.memories)} injected blocks"
+            )
+        for i, (layer, mem) in enumerate(zip(state.layers, self.memories)):
+            if layer.fingerprint != mem.fingerprint:
+                raise StateMismatchError(
+                    f"layer {i} of the state belongs to a {layer.kind} memory of config {layer.fingerprint}; "
+                    f"this model's is a {mem.kind} memory of config {mem.fingerprint}"
+                )
+            if layer.frames != state.cursor:
+                raise StateMismatchError(f"layer {i} has {layer.frames} frames but the stream cursor is {state.cursor}")
+
+    def _check_latents(self, latents, exact: bool) -> None:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        d = self.dims
+        if latents.dim() != 5:
+            raise ShapeError(f"latents must be (B, C, F, H, W), got shape {tuple(latents.shape)}")
+        B, C, F, H, W = latents.shape
+        if C != d.in_channels:
+            raise ShapeError(f"latents have {C} channels; this {self.backbone.name} model takes {d.in_channels}")
+        if (H, W) != self.latent_size:
+            raise ShapeError(
+                f"latents are {H}x{W} but the memories were built for {self.latent_size[0]}x{self.latent_size[1]} "
+                f"latent frames (adapters.inject(..., latent_size=({H}, {W})))"
+            )
+        if exact and F != self.chunk_frames:
+            raise ShapeError(
+                f"a chunk must be chunk_frames={self.chunk_frames} latent frames, got {F} "
+                f"(use prefill for a prefix of any length)"
+            )
+        if F < 1 or F % d.patch_size[0]:
+            raise ShapeError(f"latents need a positive multiple of {d.patch_size[0]} frames, got {F}")
+        param = next(self.model.parameters())
+        if not latents.is_floating_point():
+            raise DTypeError(f"latents must be floating point, got {latents.dtype}")
+        if latents.device != param.device:
+            raise DeviceError(f"latents are on {latents.device} but the model on {param.device}")
+        if latents.dtype != param.dtype and not torch.is_autocast_enabled(latents.device.type):
+            raise DTypeError(f"latents are {latents.dtype} but the model is {param.dtype}")
+        if self.cfg.check_finite:
+            check_finite(latents=latents)
+
+    def _check_prompt(self, encoder_hidden_states, latents) -> None:
+        if not isinstance(encoder_hidden_states, torch.Tensor):
+            raise TypeError(f"encoder_hidden_states must be a torch.Tensor, got {type(encoder_hidden_states).__name__}")
+        d = self.dims
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[2] != d.text_dim:
+            raise ShapeError(
+                f"encoder_hidden_states must be (B, L, {d.text_dim}), got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[0] != latents.shape[0]:
+            raise ShapeError(
+                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, the latents {latents.shape[0]}"
+            )
+        if encoder_hidden_states.device != latents.device:
+            raise DeviceError(
+                f"encoder_hidden_states is on {encoder_hidden_states.device}, latents on {latents.device}"
+            )
+
+    def _timestep(self, timestep, latents) -> torch.Tensor:
+        """``(B,)`` for a timestep shared by the chunk's frames, ``(B, F)`` for one per frame (float32)."""
+        B, F = latents.shape[0], latents.shape[2]
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device)
+        if t.is_complex():
+            raise DTypeError("timestep must be real")
+        if t.dim() == 0:
+            t = t.expand(B)
+        elif t.shape not in ((B,), (B, F)):
+            raise ShapeError(f"timestep must be a number, (B,) = ({B},) or per frame (B, F) = ({B}, {F}); "
+                             f"got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError("timestep contains NaN or Inf")
+        return t
+
+
+def backbone_for(model: nn.Module) -> type[BackboneAdapter]:
+    for cls in _BACKBONES:
+        if cls.matches(model):
+            return cls
+    raise AdapterError(
+        f"no memkit adapter for {type(model).__name__}; known backbones: {', '.join(list_backbones())}. "
+        f"An adapter for a new backbone is one file (docs/adapters.md)"
+    )
+
+
+def inject(model: nn.Module, cfg: MemoryConfig, chunk_frames: int = 3, *, latent_size: tuple[int, int] | None = None,
+           freeze_backbone: bool = False) -> AdapterHandle:
+    """Put a memory of config ``cfg`` into every block of ``model``, in place, and return its handle.
+
+    latent_size: (height, width) of the latent frames the stream will have (it sizes the memories'
+        caches); defaults to the backbone's native resolution (Wan2.1: 480x832 video, 60x104 latents).
+    freeze_backbone: turn off gradients of every backbone parameter (restored by ``remove``).
+    """
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise AdapterError("this model already has a memkit adapter injected; adapters.remove(model) first")
+    return AdapterHandle(model, backbone_for(model)(model), cfg, chunk_frames, latent_size, freeze_backbone)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``inject``: original processors back, memories deleted, frozen flags restored. Returns the model."""
+    handle = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        raise AdapterError(f"this {type(model).__name__} has no memkit adapter injected")
+    for attn, proc, cross, cross_proc in handle._originals:
+        attn.set_processor(proc)
+        delattr(attn, MEMORY_ATTR)
+        if cross is not None:
+            cross.set_processor(cross_proc)
+    params = dict(model.named_parameters())
+    for name, flag in handle._frozen.items():
+        params[name].requires_grad_(flag)
+    handle.removed = True
+    handle._prompts.clear()
+    object.__delattr__(model, HANDLE_ATTR)
+    return model
+
+
+def get_handle(model: nn.Module) -> AdapterHandle:
+    """The handle of the adapter injected into ``model``."""
+    handle = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        raise AdapterError(f"this {type(model).__name__} has no memkit adapter injected")
+    return handle
