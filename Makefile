@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m memkit bench memory --chunks 256 --plot docs/img/bench_memory.png
+	$(PY) -m memkit bench stream --chunks 200 --plot docs/img/bench_stream_cpu.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""The ``memkit`` command: ``demo``, ``doctor``, ``bench memory``."""
+"""The ``memkit`` command: ``demo``, ``doctor``, ``generate``, ``bench memory``, ``bench stream``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,33 @@ def _bench_memory(args, console: Console) -> int:
         plot_results(results, args.plot, title)
         console.print(f"plot written to {args.plot}")
     return 0
+
+
+def _bench_stream(args, console: Console) -> int:
+    from memkit.bench.memory import plot_results
+    from memkit.bench.stream import results_table, run_stream_bench
+
+    results = run_stream_bench(
+        memories=args.memories, chunks=args.chunks, size=args.size, latent_size=tuple(args.latent_size),
+        chunk_frames=args.chunk_frames, sink_frames=args.sink_frames, window_frames=args.window_frames,
+        device=args.device, dtype=DTYPES[args.dtype], progress=not args.quiet,
+    )
+    h, w = args.latent_size
+    title = (f"memkit bench stream: Wan {args.size!r} (random weights), {args.chunks} chunks x {args.chunk_frames} "
+             f"latent frames of {h}x{w}, 4 denoising reads + 1 commit per chunk, sink {args.sink_frames} + window "
+             f"{args.window_frames}, {args.device} {args.dtype}")
+    console.print(results_table(results, title, frames_per_chunk=4 * args.chunk_frames))
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_results(results, args.plot, title, time_label="time per chunk (ms)")
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _generate(args, console: Console) -> int:
+    from memkit.generate import run_generate
+
+    return run_generate(args, console)
 
 
 def _demo(args, console: Console) -> int:
@@ -74,6 +101,63 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--plot", default=None, help="write a PNG of time per chunk and state size")
     mem.add_argument("--quiet", action="store_true", help="no progress bar")
     mem.set_defaults(fn=_bench_memory)
+
+    st = bsub.add_parser("stream", help="the generation loop on a random Wan backbone with full, sink_window, "
+                                        "hybrid_gdn: time per chunk, state and peak memory early and late")
+    st.add_argument("--chunks", type=int, default=200)
+    st.add_argument("--memories", nargs="+", default=["full", "sink_window", "hybrid_gdn"])
+    st.add_argument("--size", default="small", help="Wan config: tiny, small or 1.3B (default: small)")
+    st.add_argument("--latent-size", type=int, nargs=2, default=[16, 16], metavar=("H", "W"),
+                    help="latent frame size (832x480 video: 60 104)")
+    st.add_argument("--chunk-frames", type=int, default=3)
+    st.add_argument("--sink-frames", type=int, default=3)
+    st.add_argument("--window-frames", type=int, default=6)
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    st.add_argument("--plot", default=None, help="write a PNG of time per chunk and state size")
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    st.set_defaults(fn=_bench_stream)
+
+    gen = sub.add_parser("generate", help="stream a long video from a retrofitted backbone into an mp4")
+    gen.add_argument("--backbone", choices=["wan", "skyreels_v2"], default="wan")
+    gen.add_argument("--checkpoint", help="a diffusers model folder (with transformer/, vae/, text_encoder/) or an "
+                                          "original Wan-format file (Self-Forcing, CausVid, LongLive); default: a "
+                                          "small randomly initialised backbone")
+    gen.add_argument("--size", default="tiny", help="Wan config for the random backbone or a Wan-format file: "
+                                                    "tiny, small, 1.3B (default: tiny)")
+    gen.add_argument("--vae", help="a diffusers AutoencoderKLWan folder (default: the checkpoint's vae/)")
+    gen.add_argument("--no-decode", action="store_true", help="do not decode: latents only")
+    gen.add_argument("--memory", default="hybrid_gdn", help="memory variant (memkit.list_memories())")
+    gen.add_argument("--sink-frames", type=int, default=3)
+    gen.add_argument("--window-frames", type=int, default=6)
+    gen.add_argument("--rope-mode", choices=["absolute", "relative"], default="relative",
+                     help="relative (default) keeps RoPE positions bounded however long the stream")
+    gen.add_argument("--memory-weights", help="trained memory weights (memkit.save_memory)")
+    gen.add_argument("--seconds", type=float, default=10.0, help="video length at 16 fps (default: 10)")
+    gen.add_argument("--chunk-frames", type=int, default=3)
+    gen.add_argument("--height", type=int, help="video height (default: 480; 64 for the tiny and small configs)")
+    gen.add_argument("--width", type=int, help="video width (default: 832; 64 for the tiny and small configs)")
+    gen.add_argument("--prompt-embeds", help="a safetensors file of prompt embeddings (1, L, text_dim), in order")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt text (repeat for a schedule)")
+    gen.add_argument("--text-encoder", help="a local UMT5 encoder folder for --prompt")
+    gen.add_argument("--switch", type=int, action="append", default=[],
+                     help="chunk at which the next prompt takes over (repeat; one fewer than the prompts)")
+    gen.add_argument("--prefix", help="clean start: latents (.safetensors with 'latents'), an image (image-to-video) "
+                                      "or a video to extend")
+    gen.add_argument("--steps", type=float, nargs="+",
+                     help="denoising timesteps (default: 1000 750 500 250; a resumed stream keeps its own)")
+    gen.add_argument("--shift", type=float, help="sampling shift (default: 5; a resumed stream keeps its own)")
+    gen.add_argument("--context-noise", type=float,
+                     help="noise level of the context pass, 0-1000 (default: 0; a resumed stream keeps its own)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", choices=list(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    gen.add_argument("--out", default="out/video.mp4")
+    gen.add_argument("--save-latents", help="also save the generated latents (safetensors)")
+    gen.add_argument("--save-state", help="save the stream state at the end (resume with --resume)")
+    gen.add_argument("--resume", help="continue a saved stream state up to --seconds")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(fn=_generate)
     return p
 
 
@@ -84,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args, console)
-    except MemkitError as exc:
+    except (MemkitError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 

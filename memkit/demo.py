@@ -1,9 +1,11 @@
-"""``memkit demo``: the memory layer end to end on the built-in default (random weights, CPU-friendly).
+"""``memkit demo``: memkit end to end on the built-in default (random weights, CPU-friendly).
 
 1. Streams a clip through every variant chunk by chunk and checks it against
    the parallel (teacher-forcing) form.
 2. Streams many chunks through every variant and plots cost per chunk and
    state size: ``full`` grows, the others stay flat.
+3. Retrofits a small random Wan2.1 DiT with ``hybrid_gdn`` and streams a video
+   with a prompt switch into ``out/demo.mp4`` (``memkit generate``).
 """
 
 from __future__ import annotations
@@ -57,5 +59,12 @@ def run_demo(console: Console, out_dir: str = "out", chunks: int = 96) -> int:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = str(Path(out_dir) / "memory_demo.png")
     plot_results(results, path, title)
-    console.print(f"plot written to {path}")
-    return 0 if ok else 1
+    console.print(f"plot written to {path}\n")
+    from memkit.cli import build_parser
+    from memkit.generate import run_generate
+
+    video = str(Path(out_dir) / "demo.mp4")
+    args = build_parser().parse_args(["generate", "--seconds", "10", "--switch", "7", "--out", video,
+                                      "--device", "cpu", "--dtype", "float32"])
+    generated = run_generate(args, console)
+    return 0 if ok and generated == 0 else 1

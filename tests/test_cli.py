@@ -1,4 +1,4 @@
-"""The memkit command: doctor, bench memory, demo."""
+"""The memkit command: doctor, bench memory, demo (memory checks, plot, and a generated video)."""
 
 import subprocess
 import sys
@@ -48,6 +48,7 @@ def test_demo_runs_and_writes_its_plot(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DIFFERENT" not in proc.stdout and "equal" in proc.stdout
     assert (tmp_path / "memory_demo.png").stat().st_size > 10_000
+    assert (tmp_path / "demo.mp4").stat().st_size > 0 and "wrote 165 frames" in " ".join(proc.stdout.split())
 
 
 def test_cli_turns_memkit_errors_into_a_message(capsys):

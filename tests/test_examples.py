@@ -20,6 +20,15 @@ def test_stream_memory_example_runs():
     assert "bit-identically: True" in proc.stdout
 
 
+def test_retrofit_wan_example_runs():
+    cmd = [sys.executable, str(EXAMPLES / "retrofit_wan.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("full memory == stock forward: True", "hybrid_gdn before training == stock: True",
+                 "resumed bit-identically: True"):
+        assert line in proc.stdout
+
+
 def test_custom_variant_is_one_file_and_a_registry_entry(tmp_path):
     spec = importlib.util.spec_from_file_location("custom_memory", EXAMPLES / "custom_memory.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))

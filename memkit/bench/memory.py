@@ -9,6 +9,7 @@ stream (``full``) or stays flat (everything else).
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -88,7 +89,8 @@ def results_table(results: dict[str, BenchResult], title: str) -> Table:
     return table
 
 
-def plot_results(results: dict[str, BenchResult], path: str, title: str) -> None:
+def plot_results(results: dict, path: str, title: str, time_label: str = "commit time per chunk (ms)") -> None:
+    """Time per chunk and state size of each result (anything with ``kind``, ``times_ms``, ``state_bytes``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,10 +100,10 @@ def plot_results(results: dict[str, BenchResult], path: str, title: str) -> None
     for r in results.values():
         ax_t.plot(r.times_ms, label=r.kind, lw=1)
         ax_m.plot([b / 2**20 for b in r.state_bytes], label=r.kind, lw=1.5)
-    ax_t.set(xlabel="chunk index", ylabel="commit time per chunk (ms)", title="time per chunk", yscale="log")
+    ax_t.set(xlabel="chunk index", ylabel=time_label, title="time per chunk", yscale="log")
     ax_m.set(xlabel="chunk index", ylabel="state size (MiB)", title="memory state size")
     ax_t.legend()
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,221 @@
+"""StreamingGenerator: the chunk loop of autoregressive video diffusion on an injected model.
+
+Per chunk: draw noise, run the few denoising passes of :class:`FlowSchedule` (each one only *reads*
+the memory as it was before the chunk), then one context pass on the clean chunk that *commits* it.
+A prompt switch first re-encodes what the local memory holds under the new prompt (LongLive's KV
+recache) and keeps the global memory. A prefix of clean latents (an encoded image, a video to
+extend) is committed before the first chunk. Everything needed to continue lives in :attr:`state`,
+which saves, resumes bit-identically and forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memkit.errors import ConfigError, StateFormatError
+from memkit.state import StreamState
+
+from .schedule import FlowSchedule, PromptSchedule
+
+log = logging.getLogger("memkit.rollout")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated chunk. ``latents`` ``(B, C, F, H, W)`` in the model's latent space; ``video``
+    ``(B, 3, f, H', W')`` in [-1, 1] when the generator decodes, else None."""
+
+    index: int          # chunk number among the generated ones (the prefix is not counted)
+    start_frame: int    # first latent frame of the chunk in the stream (the prefix counted)
+    latents: torch.Tensor
+    video: torch.Tensor | None
+    prompt: str         # name of the prompt that conditioned it
+
+
+class StreamingGenerator:
+    """Stream chunks from a model injected with ``adapters.inject``.
+
+    handle: the adapter handle. prompts: a :class:`PromptSchedule`, or prompt embeddings (one tensor,
+    a list, or a name -> tensor mapping, switched by ``switches``). schedule: the denoising steps.
+    context_noise: noise level (0..1000 scale) of the clean chunk in the context pass. vae: a diffusers
+    ``AutoencoderKLWan`` to decode chunks as they are made (its causal cache is carried across chunks
+    and saved in the state). batch: videos generated side by side.
+    """
+
+    def __init__(self, handle, prompts, *, switches=(), schedule: FlowSchedule | None = None,
+                 context_noise: float = 0.0, seed: int = 0, vae=None, batch: int = 1, progress: bool = True):
+        self.handle = handle
+        self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule(prompts, switches)
+        self.schedule = schedule or FlowSchedule()
+        if not 0 <= context_noise < 1000:
+            raise ConfigError(f"context_noise must lie in [0, 1000), got {context_noise}")
+        self.context_noise = float(context_noise)
+        self.progress = progress
+        param = next(handle.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.decoder = None
+        if vae is not None:
+            from .vae import StreamingVAEDecoder
+
+            self.decoder = StreamingVAEDecoder(vae)
+        self._stream = handle.init_state(batch)
+        self._chunk = 0
+        self._active: tuple[int | None, torch.Tensor] | None = None  # (prompt index, embeddings) in the memory
+        self._batched: dict[int, torch.Tensor] = {}
+
+    # -- the state ---------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self._stream.layers[0].batch
+
+    @property
+    def chunks_done(self) -> int:
+        return self._chunk
+
+    @property
+    def memory_nbytes(self) -> int:
+        """Bytes of the memories, held latents and the rest of the stream (without the decoder cache)."""
+        return self._stream.nbytes
+
+    @property
+    def state(self) -> StreamState:
+        """Everything to continue from here: memories, cursor, held latents, prompt, RNG and decoder cache."""
+        info = {"chunk": self._chunk, "schedule": self.schedule.to_dict(), "context_noise": self.context_noise,
+                "chunk_frames": self.handle.chunk_frames}
+        prompt = {}
+        if self._active is not None:
+            info["prompt"] = self._active[0]
+            prompt = {"embeds": self._active[1]}
+        decoder = {}
+        if self.decoder is not None:
+            decoder, info["decoder"] = self.decoder.state_dict()
+        return self._stream.replace(prompt_cache=prompt, rng=self.rng.get_state(), decoder=decoder, info=info)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.state.save(path)
+
+    @classmethod
+    def from_state(cls, handle, state: StreamState | str | os.PathLike, prompts=None, *, switches=(),
+                   seed: int | None = None, vae=None, schedule: FlowSchedule | None = None,
+                   context_noise: float | None = None, progress: bool = True) -> "StreamingGenerator":
+        """Continue a saved stream. Without ``seed`` the noise continues where it stopped (bit-identical);
+        with one, the continuation is a new fork. Without ``prompts`` the stream keeps its last prompt.
+        The denoising schedule and context noise default to the saved stream's."""
+        if not isinstance(state, StreamState):
+            state = StreamState.load(state, map_location=next(handle.model.parameters()).device)
+        info = dict(state.info)
+        if prompts is None:
+            if "embeds" not in state.prompt_cache:
+                raise StateFormatError("this stream state holds no prompt; pass prompts=")
+            prompts = {"resumed": state.prompt_cache["embeds"]}
+        if schedule is None and "schedule" in info:
+            schedule = FlowSchedule(tuple(info["schedule"]["timesteps"]), info["schedule"]["shift"])
+        if context_noise is None:
+            context_noise = info.get("context_noise", 0.0)
+        if info.get("chunk_frames", handle.chunk_frames) != handle.chunk_frames:
+            raise StateFormatError(
+                f"this stream was made with chunk_frames={info['chunk_frames']}, the adapter has {handle.chunk_frames}"
+            )
+        handle.check_state(state)
+        gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise,
+                  seed=0 if seed is None else seed, vae=vae, batch=state.layers[0].batch, progress=progress)
+        if seed is None:
+            if state.rng is None:
+                raise StateFormatError("this stream state holds no RNG state; pass seed= to continue with new noise")
+            gen.rng.set_state(state.rng)
+        if gen.decoder is not None:
+            if "decoder" in info:
+                gen.decoder.load_state_dict(dict(state.decoder), info["decoder"])
+            elif state.cursor:
+                log.warning("the stream state holds no VAE decoder cache: decoding restarts at this chunk")
+        gen._stream = state.replace(prompt_cache={}, rng=None, decoder={}, info={})
+        gen._chunk = int(info.get("chunk", 0))
+        if "embeds" in state.prompt_cache:
+            # Which schedule entry it was is the caller's business; what the memory holds is this tensor.
+            gen._active = (None, state.prompt_cache["embeds"])
+        return gen
+
+    def fork(self, seed: int | None = None, vae=None) -> "StreamingGenerator":
+        """An independent generator continuing from here (``seed=None``: the same noise as this one would draw)."""
+        return type(self).from_state(self.handle, self.state.clone(), self.prompts, seed=seed, vae=vae,
+                                     progress=self.progress)
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """Commit clean latents ``(B, C, F, H, W)`` before generating: an encoded image (F=1) for image-to-video,
+        or an existing video to extend. Returns their decoded frames when the generator decodes."""
+        if self._chunk:
+            raise ConfigError("prefill must come before the first generated chunk")
+        latents = latents.to(device=self.device, dtype=self.dtype)
+        prompt = self._prompt_for(0)
+        self._stream = self.handle.prefill(self._stream, latents, prompt, timestep=0.0)
+        return self.decoder.decode(latents) if self.decoder is not None else None
+
+    @torch.no_grad()
+    def stream(self, num_chunks: int) -> Iterator[Chunk]:
+        """Generate ``num_chunks`` more chunks, yielding each as soon as it is made."""
+        if not isinstance(num_chunks, int) or num_chunks < 0:
+            raise ConfigError(f"num_chunks must be a non-negative int, got {num_chunks!r}")
+        bar = tqdm(total=num_chunks, desc="generating", unit="chunk", disable=not self.progress)
+        try:
+            for _ in range(num_chunks):
+                chunk = self._next_chunk()
+                bar.set_postfix_str(f"prompt {chunk.prompt}", refresh=False)
+                bar.update()
+                yield chunk
+        finally:
+            bar.close()
+
+    def generate(self, num_chunks: int) -> torch.Tensor:
+        """All of ``num_chunks`` chunks' latents, concatenated along frames."""
+        self.prompts.check_range(self._chunk + num_chunks)
+        return torch.cat([c.latents for c in self.stream(num_chunks)], dim=2)
+
+    def _next_chunk(self) -> Chunk:
+        h, c = self.handle, self._chunk
+        prompt = self._prompt_for(c)
+        F = h.chunk_frames
+        shape = (self.batch, h.dims.in_channels, F, *h.latent_size)
+        x = self._noise(shape)
+        sigmas = self.schedule.sigmas
+        for i, sigma in enumerate(sigmas):
+            flow = h.read(self._stream, x.to(self.dtype), 1000.0 * sigma, prompt)
+            x0 = x - sigma * flow.float()
+            if i + 1 < len(sigmas):
+                x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(shape)
+        clean = x0
+        if self.context_noise > 0:
+            s = self.schedule.sigma(self.context_noise)
+            clean = (1.0 - s) * x0 + s * self._noise(shape)
+        start = self._stream.cursor
+        _, self._stream = h.commit(self._stream, clean.to(self.dtype), self.context_noise, prompt)
+        latents = x0.to(self.dtype)
+        video = self.decoder.decode(latents) if self.decoder is not None else None
+        self._chunk += 1
+        return Chunk(c, start, latents, video, self.prompts.names[self.prompts.index_at(c)])
+
+    def _noise(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng, device=self.device, dtype=torch.float32)
+
+    def _prompt_for(self, chunk: int) -> torch.Tensor:
+        """The batched prompt of chunk ``chunk``; on a change of prompt, re-encode the held frames first."""
+        index = self.prompts.index_at(chunk)
+        embeds = self.prompts.embeds[index]
+        if index not in self._batched:
+            self._batched[index] = embeds.to(device=self.device, dtype=self.dtype).expand(self.batch, -1, -1)
+        prompt = self._batched[index]
+        if self._active is None:
+            self._active = (index, embeds)
+        elif self._active[0] != index:
+            if not (self._active[1].shape == embeds.shape and torch.equal(self._active[1].to(embeds.device), embeds)):
+                self._stream = self.handle.recache(self._stream, prompt)
+            self._active = (index, embeds)
+        return prompt

@@ -1,0 +1,110 @@
+"""``memkit generate`` and ``memkit bench stream`` end to end, on CPU."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_wan_checkpoint import original_wan_state_dict
+
+import adapters
+from memkit.cli import main
+from memkit.rollout.prompts import save_prompt_embeds
+from memkit.rollout.vae import decoded_frames, tiny_wan_vae
+from memkit.rollout.video import read_video
+
+FAST = ["--quiet", "--dtype", "float32", "--device", "cpu"]
+
+
+def run(capsys, *args):
+    code = main([*args])
+    out = capsys.readouterr().out
+    return code, " ".join(out.split())  # rich wraps long lines
+
+
+def test_default_random_backbone_makes_an_mp4_then_resumes(tmp_path, capsys):
+    out, state, lat = tmp_path / "v.mp4", tmp_path / "s.safetensors", tmp_path / "l.safetensors"
+    code, text = run(capsys, "generate", "--seconds", "2", "--switch", "1", "--out", str(out), "--save-state",
+                     str(state), "--save-latents", str(lat), *FAST)
+    assert code == 0, text
+    assert "randomly initialised" in text and "2 random prompt embedding" in text
+    chunks = 3  # 2 s at 16 fps: 32 frames -> 9 latent frames -> 3 chunks of 3
+    frames, fps = read_video(out)
+    assert fps == 16 and frames.shape == (decoded_frames(3 * chunks), 64, 64, 3)
+    assert load_file(lat)["latents"].shape == (1, 16, 9, 8, 8)
+
+    more = tmp_path / "more.mp4"
+    code, text = run(capsys, "generate", "--seconds", "3", "--switch", "1", "--resume", str(state), "--out",
+                     str(more), *FAST)
+    assert code == 0, text
+    assert "resuming after chunk 3" in text
+    assert read_video(more)[0].shape[0] == 4 * 3 * 2  # 2 more chunks, each 12 frames: the decoder resumed too
+
+
+def test_local_diffusers_folder_with_prompt_embeddings_and_switch(tmp_path, capsys):
+    model = adapters.random_wan("tiny", seed=3)
+    model.save_pretrained(tmp_path / "ckpt" / "transformer")
+    tiny_wan_vae(z_dim=16).save_pretrained(tmp_path / "ckpt" / "vae")
+    save_prompt_embeds(tmp_path / "p.safetensors", {"cat": torch.randn(6, 32), "dog": torch.randn(6, 32)})
+    out = tmp_path / "v.mp4"
+    code, text = run(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-embeds",
+                     str(tmp_path / "p.safetensors"), "--switch", "2", "--seconds", "2", "--height", "32", "--width",
+                     "48", "--memory", "sink_window", "--out", str(out), *FAST)
+    assert code == 0, text
+    assert "the WanTransformer3DModel in" in text and "PromptSchedule(cat@0, dog@2)" in text
+    assert read_video(out)[0].shape == (decoded_frames(9), 32, 48, 3)
+
+
+def test_wan_format_checkpoint_file_and_latent_prefix(tmp_path, capsys):
+    config = adapters.WAN_CONFIGS["tiny"]
+    save_file(original_wan_state_dict(config, seed=1), tmp_path / "wan.safetensors")
+    save_file({"latents": torch.randn(1, 16, 4, 8, 8)}, tmp_path / "prefix.safetensors")
+    lat = tmp_path / "l.safetensors"
+    code, text = run(capsys, "generate", "--checkpoint", str(tmp_path / "wan.safetensors"), "--no-decode",
+                     "--prompt-embeds", str(_one_prompt(tmp_path)), "--prefix", str(tmp_path / "prefix.safetensors"),
+                     "--seconds", "1", "--save-latents", str(lat), *FAST)
+    assert code == 0, text
+    assert "with the weights of" in text and "missing from the file (0)" in text
+    assert "prefix: 4 latent frames" in text and "no VAE" in text
+    assert load_file(lat)["latents"].shape[2] == 6
+
+
+def test_video_prefix_is_encoded_and_extended(tmp_path, capsys):
+    first = tmp_path / "first.mp4"
+    assert run(capsys, "generate", "--seconds", "1", "--out", str(first), *FAST)[0] == 0
+    extended = tmp_path / "extended.mp4"
+    code, text = run(capsys, "generate", "--seconds", "1", "--prefix", str(first), "--out", str(extended), *FAST)
+    assert code == 0, text
+    n_first = read_video(first)[0].shape[0]  # 1 + 4k frames: encodes whole
+    assert f"prefix: {(n_first - 1) // 4 + 1} latent frames" in text
+    assert read_video(extended)[0].shape[0] == n_first + 4 * 6  # the prefix, then 2 chunks
+
+
+def test_generate_errors_are_clear(tmp_path, capsys):
+    code, text = run(capsys, "generate", "--seconds", "1", "--switch", "5", "--out", str(tmp_path / "v.mp4"), *FAST)
+    assert code == 2 and "prompt switch at chunk 5 is out of range: the video has 2 chunks" in text
+    code, text = run(capsys, "generate", "--checkpoint", str(tmp_path / "nowhere"), *FAST)
+    assert code == 2 and "no checkpoint at" in text
+    code, text = run(capsys, "generate", "--height", "60", *FAST)
+    assert code == 2 and "multiples of 8" in text
+    code, text = run(capsys, "generate", "--prompt", "a cat", *FAST)
+    assert code == 2 and "needs a text encoder" in text
+
+
+def test_bench_stream_prints_time_and_state_early_and_late(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the whole table on one line per memory
+    code, text = run(capsys, "bench", "stream", "--chunks", "12", "--size", "tiny", "--latent-size", "8", "8",
+                     "--quiet", "--plot", str(tmp_path / "b.png"))
+    assert code == 0, text
+    for kind in ("full", "sink_window", "hybrid_gdn"):
+        assert kind in text
+    assert "late / early" in text and (tmp_path / "b.png").stat().st_size > 0
+
+
+def _one_prompt(tmp_path):
+    path = tmp_path / "one.safetensors"
+    save_prompt_embeds(path, {"p": torch.randn(4, 32)})
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # out/ defaults land in the test's folder

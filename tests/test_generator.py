@@ -1,0 +1,152 @@
+"""StreamingGenerator: resume, forks, prompt switches, prefixes, streaming decode."""
+
+import pytest
+import torch
+from backbones import inject, rel_err, tiny_model
+
+import adapters
+import memkit
+from memkit.rollout import FlowSchedule, StreamingGenerator
+from memkit.rollout.vae import denormalize_latents, tiny_wan_vae
+
+PROMPTS = [torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_wan_vae(z_dim=4, dtype=torch.float64)
+
+
+@pytest.fixture
+def handle():
+    model = tiny_model("wan")
+    h = inject(model, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)
+    for mem in h.memories:  # a "trained" memory, so the global state takes part
+        with torch.no_grad():
+            mem.out_gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    yield h
+    adapters.remove(model)
+
+
+def gen_for(handle, seed=0, switches=(), **kw):
+    prompts = PROMPTS if switches else PROMPTS[:1]
+    return StreamingGenerator(handle, prompts, switches=switches, seed=seed, progress=False, **kw)
+
+
+def latents_of(chunks):
+    return torch.cat([c.latents for c in chunks], dim=2)
+
+
+def test_flow_schedule_is_self_forcing_warped_steps():
+    sigmas = FlowSchedule().sigmas
+    assert sigmas == pytest.approx((1.0, 0.9375, 5 / 6, 0.625))
+    assert FlowSchedule((1000, 500), shift=1.0).sigmas == (1.0, 0.5)
+
+
+def test_resume_from_a_saved_state_continues_bit_identically(handle, vae, tmp_path):
+    gen = gen_for(handle, switches=[3], vae=vae)
+    first = list(gen.stream(2))
+    gen.save(tmp_path / "s.safetensors")
+    rest = list(gen.stream(3))  # crosses the prompt switch at chunk 3
+    resumed = StreamingGenerator.from_state(handle, tmp_path / "s.safetensors", PROMPTS, switches=[3], vae=vae,
+                                            progress=False)
+    assert resumed.chunks_done == 2 and resumed.state.cursor == 6
+    again = list(resumed.stream(3))
+    for a, b in zip(rest, again):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.video, b.video)
+        assert a.index == b.index and a.prompt == b.prompt
+    assert [c.prompt for c in first + rest] == ["0", "0", "0", "1", "1"]
+    # without prompts, a resumed stream keeps the one it was on
+    keep = StreamingGenerator.from_state(handle, tmp_path / "s.safetensors", progress=False)
+    assert torch.equal(latents_of(keep.stream(1)), rest[0].latents)
+
+
+def test_forks_agree_with_the_same_seed_and_differ_with_another(handle):
+    gen = gen_for(handle)
+    list(gen.stream(2))
+    state = gen.state
+    a, b, c = (StreamingGenerator.from_state(handle, state, PROMPTS[:1], seed=s, progress=False) for s in (7, 7, 8))
+    la, lb, lc = (latents_of(g.stream(2)) for g in (a, b, c))
+    assert torch.equal(la, lb) and not torch.equal(la, lc)
+    # forking keeps the parent going as if nothing happened
+    twin = gen.fork()
+    assert torch.equal(latents_of(twin.stream(2)), latents_of(gen.stream(2)))
+
+
+def test_prompt_switch_changes_later_chunks_and_keeps_the_global_state(handle):
+    plain = latents_of(gen_for(handle, seed=1).stream(5))
+    gen = gen_for(handle, seed=1, switches=[3])
+    before = latents_of(gen.stream(3))
+    state = gen.state
+    recached = handle.recache(state, PROMPTS[1].expand(1, -1, -1))
+    after = latents_of(gen.stream(2))
+    assert torch.equal(before, plain[:, :, :9])
+    assert rel_err(after, plain[:, :, 9:]) > 1e-3
+    for old, new in zip(state.layers, recached.layers):
+        assert torch.equal(old["global.M"], new["global.M"]) and old["global.M"].abs().sum() > 0
+    assert not torch.equal(state.layers[1]["win.k"], recached.layers[1]["win.k"])
+
+
+def test_switch_recache_uses_the_new_prompt(handle):
+    """With a full memory, the re-encoded cache must be exactly what committing the same frames under the new
+    prompt gives."""
+    model = handle.model
+    adapters.remove(model)
+    h = inject(model, "full", chunk_frames=3)
+    gen = StreamingGenerator(h, PROMPTS, switches=[2], seed=0, progress=False)
+    frames = latents_of(gen.stream(2))
+    gen._prompt_for(2)  # the switch: recache under prompt 1
+    switched = gen._stream
+    fresh = h.init_state(1)
+    for f0 in range(0, 6, 3):
+        _, fresh = h.commit(fresh, frames[:, :, f0: f0 + 3], 0.0, PROMPTS[1])
+    for a, b in zip(switched.layers, fresh.layers):
+        assert all(rel_err(a[n], b[n]) < 1e-12 for n in a.tensors)
+    adapters.remove(model)
+    inject(model, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)  # for the fixture's teardown
+
+
+def test_prefix_changes_what_follows_and_extension_continues_a_saved_video(handle, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    original = gen_for(handle, seed=3)
+    made = latents_of(original.stream(4))
+    save_file({"latents": made}, tmp_path / "video.safetensors")
+    next_chunk = latents_of(original.fork().stream(1))
+
+    extended = gen_for(handle, seed=99)
+    extended.prefill(load_file(tmp_path / "video.safetensors")["latents"])
+    for a, b in zip(extended.state.layers, original.state.layers):  # the memory is the original stream's
+        assert all(torch.equal(a[n], b[n]) for n in a.tensors)
+    extended.rng.set_state(original.rng.get_state())
+    assert torch.equal(latents_of(extended.stream(1)), next_chunk)
+
+    without = latents_of(gen_for(handle, seed=5).stream(1))
+    image = gen_for(handle, seed=5)
+    image.prefill(made[:, :, :1])  # image-to-video: one clean latent frame
+    with_prefix = latents_of(image.stream(1))
+    assert image.state.cursor == 4 and rel_err(with_prefix, without) > 1e-3
+    with pytest.raises(memkit.errors.ConfigError, match="before the first generated chunk"):
+        image.prefill(made[:, :, :1])
+
+
+def test_streamed_decode_equals_decoding_the_whole_video(handle, vae):
+    gen = gen_for(handle, vae=vae)
+    prefix = torch.randn(1, 4, 2, 4, 6, dtype=torch.float64)
+    videos = [gen.prefill(prefix)]
+    chunks = list(gen.stream(3))
+    videos += [c.video for c in chunks]
+    latents = torch.cat([prefix, latents_of(chunks)], dim=2)
+    whole = vae.decode(denormalize_latents(latents, vae.config)).sample
+    streamed = torch.cat(videos, dim=2)
+    assert streamed.shape == whole.shape == (1, 3, 1 + 4 * 10, 32, 48)
+    assert torch.equal(streamed, whole)
+
+
+def test_context_noise_and_batch(handle):
+    clean = latents_of(gen_for(handle, seed=2).stream(2))
+    noisy = latents_of(gen_for(handle, seed=2, context_noise=100.0).stream(2))
+    assert torch.equal(clean[:, :, :3], noisy[:, :, :3]) and not torch.equal(clean[:, :, 3:], noisy[:, :, 3:])
+    two = StreamingGenerator(handle, PROMPTS[:1], seed=2, batch=2, progress=False)
+    out = latents_of(two.stream(2))
+    assert out.shape == (2, 4, 6, 4, 6) and not torch.equal(out[0], out[1])
