@@ -17,6 +17,7 @@ chunk. Everything else is here:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,23 +171,29 @@ class AdapterHandle:
                          frame_tokens=self.grid[0] * self.grid[1]).to(device=param.device, dtype=param.dtype)
             for _ in modules
         ]
-        # Nothing of the model was touched above; from here on, every change is recorded for remove().
-        self._originals = []
+        cross_procs = [None if cross is None else backbone.cross_attention_processor(self, cross.processor)
+                       for _, cross in modules]
+        # Nothing of the model was touched above. From here on every change is recorded, for remove() and for
+        # undoing a half-done injection.
+        self._originals = [(attn, attn.processor, cross, None if cross is None else cross.processor)
+                           for attn, cross in modules]
         self._frozen = {}
-        if freeze_backbone:
-            for name, p in model.named_parameters():
-                self._frozen[name] = p.requires_grad
-                p.requires_grad_(False)
-        for i, ((attn, cross), mem) in enumerate(zip(modules, memories)):
-            cross_proc = backbone.cross_attention_processor(self, cross.processor) if cross is not None else None
-            self._originals.append((attn, attn.processor, cross, cross.processor if cross is not None else None))
-            attn.add_module(MEMORY_ATTR, mem)
-            attn.set_processor(MemorySelfAttention(self, i))
-            if cross_proc is not None:
-                cross.set_processor(cross_proc)
+        try:
+            if freeze_backbone:
+                for name, p in model.named_parameters():
+                    self._frozen[name] = p.requires_grad
+                    p.requires_grad_(False)
+            for i, ((attn, cross), mem, cross_proc) in enumerate(zip(modules, memories, cross_procs)):
+                attn.add_module(MEMORY_ATTR, mem)
+                attn.set_processor(MemorySelfAttention(self, i))
+                if cross_proc is not None:
+                    cross.set_processor(cross_proc)
+        except Exception:
+            _restore(model, self)
+            raise
         self.memories = memories
         self._pass: _Pass | None = None
-        self._prompts: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
+        self._prompts: OrderedDict[int, tuple[tuple[torch.Tensor, ...], tuple[int, ...]]] = OrderedDict()
         self._prompt_ids = itertools.count()
         self._rope: tuple[tuple, TabulatedRope3D] | None = None
         self.removed = False
@@ -222,7 +229,7 @@ class AdapterHandle:
     def read(self, state: StreamState, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
         """The model's prediction for a noisy chunk given the memory before it (a denoising pass)."""
         t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True)
-        with self._running("read", state, encoder_hidden_states):
+        with self._running("read", state, encoder_hidden_states, kwargs):
             return self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
 
     def commit(self, state: StreamState, latents, timestep, encoder_hidden_states,
@@ -259,11 +266,16 @@ class AdapterHandle:
         if state.cursor == 0:
             return state
         ctx = state.context
+        if not {"latents", "frames", "chunks", "timestep"} <= set(ctx):
+            raise StateMismatchError(
+                "this state holds no context latents to re-encode (it was not made by this adapter's commit or "
+                "prefill, or its memory does not say which frames it holds)"
+            )
         latents, t = ctx["latents"], ctx["timestep"]
         self._check_prompt(encoder_hidden_states, latents)
         if bool((t == t[:, :1]).all()):
             t = t[:, 0]
-        with self._running("recache", state, encoder_hidden_states, chunk_ids=ctx["chunks"]) as p:
+        with self._running("recache", state, encoder_hidden_states, kwargs, chunk_ids=ctx["chunks"]) as p:
             self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
         return state.replace(layers=tuple(p.new_states))
 
@@ -310,11 +322,11 @@ class AdapterHandle:
 
     # -- internals ------------------------------------------------------------------------
     @contextmanager
-    def _running(self, mode: str, state: StreamState, encoder_hidden_states, chunk_ids=None):
+    def _running(self, mode: str, state: StreamState, encoder_hidden_states, kwargs: dict, chunk_ids=None):
         if self._pass is not None:
             raise AdapterError("this adapter is already running a pass (re-entrant call)")
-        p = _Pass(mode, state.layers, self._prompt_id(encoder_hidden_states), chunk_ids,
-                  [None] * len(self.memories))
+        conditioning = (encoder_hidden_states, *(v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)))
+        p = _Pass(mode, state.layers, self._prompt_id(conditioning), chunk_ids, [None] * len(self.memories))
         self._pass = p
         try:
             yield p
@@ -324,7 +336,7 @@ class AdapterHandle:
             raise AdapterError(f"the {mode} pass did not reach every injected block")
 
     def _commit(self, state, latents, t, encoder_hidden_states, **kwargs):
-        with self._running("commit", state, encoder_hidden_states) as p:
+        with self._running("commit", state, encoder_hidden_states, kwargs) as p:
             pred = self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
         F = latents.shape[2]
         cursor = state.cursor + F
@@ -332,39 +344,48 @@ class AdapterHandle:
         return pred, state.replace(layers=tuple(p.new_states), cursor=cursor, context=context)
 
     def _held_context(self, state: StreamState, latents, t, cursor: int) -> dict[str, torch.Tensor]:
-        """The clean latents (with frame index, chunk id and timestep) of the frames held after a commit."""
+        """The clean latents (with frame index, chunk id and timestep) of the frames held after a commit.
+
+        Frame indices and chunk ids stay on the CPU, so this bookkeeping never waits for the device.
+        """
+        try:
+            held = set(self.held_frames(cursor))
+        except NotImplementedError:  # a memory that does not say what it holds cannot be recached either
+            return {}
         B, _, F = latents.shape[:3]
         ctx = state.context
-        dev = latents.device
-        chunk = int(ctx["chunks"].max()) + 1 if ctx else 0
+        chunk = int(ctx["chunks"][-1]) + 1 if ctx else 0
         new = {
-            "latents": latents,
-            "frames": torch.arange(state.cursor, cursor, device=dev),
-            "chunks": torch.full((F,), chunk, device=dev),
-            "timestep": (t[:, None].expand(B, F) if t.ndim == 1 else t).to(torch.float32),
+            "latents": latents.detach().clone(),  # a state is a value: it must not share the caller's tensors
+            "frames": torch.arange(state.cursor, cursor),
+            "chunks": torch.full((F,), chunk),
+            "timestep": (t[:, None].expand(B, F) if t.dim() == 1 else t).to(torch.float32).clone(),
         }
         if ctx:
             dims = {"latents": 2, "frames": 0, "chunks": 0, "timestep": 1}
-            new = {name: torch.cat([ctx[name], value], dim=dims[name]) for name, value in new.items()}
-        held = torch.tensor(self.held_frames(cursor), device=dev, dtype=new["frames"].dtype)
-        keep = torch.isin(new["frames"], held)
-        if bool(keep.all()):
+            new = {name: torch.cat([ctx[name].to(value.device), value], dim=dims[name]) for name, value in new.items()}
+        keep = [i for i, f in enumerate(new["frames"].tolist()) if f in held]
+        if len(keep) == len(new["frames"]):
             return new
-        idx = keep.nonzero().flatten()
-        return {"latents": new["latents"][:, :, idx], "frames": new["frames"][idx], "chunks": new["chunks"][idx],
-                "timestep": new["timestep"][:, idx]}
+        idx = torch.tensor(keep)
+        return {"latents": new["latents"][:, :, idx.to(latents.device)], "frames": new["frames"][idx],
+                "chunks": new["chunks"][idx], "timestep": new["timestep"][:, idx.to(latents.device)]}
 
-    def _prompt_id(self, encoder_hidden_states: torch.Tensor) -> int | None:
-        # The same tensor object, unmodified since, is the same prompt. Holding a reference keeps its id
-        # from being reused by another tensor.
-        if encoder_hidden_states.requires_grad:
+    def _prompt_id(self, conditioning: tuple[torch.Tensor, ...]) -> int | None:
+        """One id per set of conditioning tensors (the prompt, and an image context where there is one).
+
+        The same tensor objects, unmodified since, are the same conditioning; holding references keeps their
+        ids from being reused by other tensors.
+        """
+        if any(t.requires_grad for t in conditioning):
             return None
-        for key, (ref, version) in self._prompts.items():
-            if ref is encoder_hidden_states and version == encoder_hidden_states._version:
+        versions = tuple(t._version for t in conditioning)
+        for key, (refs, seen) in self._prompts.items():
+            if len(refs) == len(conditioning) and all(a is b for a, b in zip(refs, conditioning)) and seen == versions:
                 self._prompts.move_to_end(key)
                 return key
         key = next(self._prompt_ids)
-        self._prompts[key] = (encoder_hidden_states, encoder_hidden_states._version)
+        self._prompts[key] = (conditioning, versions)
         while len(self._prompts) > 4:
             self._prompts.popitem(last=False)
         return key
@@ -456,15 +477,17 @@ class AdapterHandle:
     def _timestep(self, timestep, latents) -> torch.Tensor:
         """``(B,)`` for a timestep shared by the chunk's frames, ``(B, F)`` for one per frame (float32)."""
         B, F = latents.shape[0], latents.shape[2]
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device)
-        if t.is_complex():
-            raise DTypeError("timestep must be real")
+        if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            if not math.isfinite(timestep):
+                raise ConfigError(f"timestep must be finite, got {timestep}")
+            return torch.full((B,), float(timestep), device=latents.device)  # no host-to-device copy
+        t = torch.as_tensor(timestep).to(device=latents.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(B)
         elif t.shape not in ((B,), (B, F)):
             raise ShapeError(f"timestep must be a number, (B,) = ({B},) or per frame (B, F) = ({B}, {F}); "
                              f"got {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if (self.cfg.check_finite or t.device.type == "cpu") and not bool(torch.isfinite(t).all()):
             raise ConfigError("timestep contains NaN or Inf")
         return t
 
@@ -497,18 +520,25 @@ def remove(model: nn.Module) -> nn.Module:
     handle = getattr(model, HANDLE_ATTR, None)
     if handle is None:
         raise AdapterError(f"this {type(model).__name__} has no memkit adapter injected")
+    _restore(model, handle)
+    handle.removed = True
+    handle._prompts.clear()
+    object.__delattr__(model, HANDLE_ATTR)
+    return model
+
+
+def _restore(model: nn.Module, handle: AdapterHandle) -> None:
+    """Put back what injection changed: processors, memories (if added), requires_grad flags."""
+    for attn, _, _, _ in handle._originals:
+        if isinstance(getattr(attn, MEMORY_ATTR, None), Memory):
+            delattr(attn, MEMORY_ATTR)
     for attn, proc, cross, cross_proc in handle._originals:
         attn.set_processor(proc)
-        delattr(attn, MEMORY_ATTR)
         if cross is not None:
             cross.set_processor(cross_proc)
     params = dict(model.named_parameters())
     for name, flag in handle._frozen.items():
         params[name].requires_grad_(flag)
-    handle.removed = True
-    handle._prompts.clear()
-    object.__delattr__(model, HANDLE_ATTR)
-    return model
 
 
 def get_handle(model: nn.Module) -> AdapterHandle:

@@ -103,7 +103,7 @@ class CachedCrossAttention:
         if key is None or trains:
             return compute()
         weights = tuple((p.data_ptr(), p._version) for p in attn.parameters())
-        full_key = (key, weights, text.dtype, text.device)
+        full_key = (key, weights, text.dtype, text.device, torch.is_inference_mode_enabled())
         if full_key not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.popitem(last=False)

@@ -128,8 +128,8 @@ def run_generate(args, console: Console) -> int:
                              latent_size=(height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT))
     if args.memory_weights:
         memkit.load_memory(model, args.memory_weights)
-    prompts = load_prompts(args, backbone, console)
-    schedule = PromptSchedule(prompts, args.switch)
+    keep_saved_prompt = args.resume and not (args.prompt or args.prompt_embeds)
+    schedule = None if keep_saved_prompt else PromptSchedule(load_prompts(args, backbone, console), args.switch)
     latent_frames = math.ceil((args.seconds * VIDEO_FPS - 1) / 4) + 1
     num_chunks = math.ceil(latent_frames / args.chunk_frames)
     steps = None
@@ -145,10 +145,11 @@ def run_generate(args, console: Console) -> int:
     else:
         gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=args.context_noise or 0.0,
                                  seed=args.seed, vae=backbone.vae, progress=not args.quiet)
-    schedule.check_range(gen.chunks_done + num_chunks)
+    if schedule is not None:
+        schedule.check_range(gen.chunks_done + num_chunks)
     console.print(
         f"memory {args.memory} (sink {args.sink_frames} + window {args.window_frames} frames), {num_chunks} chunks "
-        f"of {args.chunk_frames} latent frames at {height}x{width}, prompts: {schedule}"
+        f"of {args.chunk_frames} latent frames at {height}x{width}, prompts: {schedule or 'as saved'}"
     )
     writer = VideoWriter(args.out, fps=VIDEO_FPS) if backbone.vae is not None else None
     kept = []

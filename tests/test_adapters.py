@@ -265,3 +265,65 @@ def test_latent_grid_and_handle_basics():
     assert h.held_frames(10) == [0, 1, 6, 7, 8, 9]
     assert "hybrid_gdn" in repr(h) and "wan" in adapters.list_backbones()
     assert adapters.get_handle(model) is h
+
+
+def test_image_context_is_part_of_the_cross_attention_cache_key():
+    model = tiny_model("wan", image_dim=8, added_kv_proj_dim=24)
+    latents, _ = clip(frames=3)
+    text = torch.randn(2, 512, 16, dtype=torch.float64)
+    images = [torch.randn(2, 4, 8, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        stock = [model(latents, T_SHARED, text, encoder_hidden_states_image=im, return_dict=False)[0] for im in images]
+        h = inject(model, "full", chunk_frames=3)
+        state = h.init_state(2)
+        ours = [h.read(state, latents, T_SHARED, text, encoder_hidden_states_image=im) for im in images]
+    assert all(rel_err(a, b) < 1e-8 for a, b in zip(ours, stock))
+
+
+def test_generating_in_inference_mode_then_training_works():
+    model = tiny_model("wan")
+    latents, prompt = clip(frames=9)
+    h = inject(model, "hybrid_gdn", chunk_frames=3, freeze_backbone=True, sink_frames=1, window_frames=2,
+               rope_mode="relative")
+    for mem in h.memories:  # off the zero-initialised read-out, so every parameter gets a gradient
+        perturb_params(mem)
+    with torch.inference_mode():  # fills the RoPE and cross-attention caches with inference tensors
+        stream_commits(h, latents, T_SHARED, prompt)
+    streamed, _ = stream_commits(h, latents, T_SHARED, prompt)
+    (h.parallel(latents, T_SHARED, prompt).square().mean() + streamed.square().mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for mem in h.memories for p in mem.parameters())
+
+
+def test_a_state_shares_no_tensor_with_the_caller():
+    model = tiny_model("wan")
+    latents, prompt = clip(frames=3)
+    t = torch.tensor([500.0, 500.0])
+    h = inject(model, "sink_window", chunk_frames=3, sink_frames=1, window_frames=3)
+    with torch.no_grad():
+        _, state = h.commit(h.init_state(2), latents, t, prompt)
+    kept = state.context["latents"].clone()
+    latents.add_(1.0)
+    t.add_(1.0)
+    assert torch.equal(state.context["latents"], kept) and torch.equal(state.context["timestep"], torch.full((2, 3),
+                                                                                                             500.0))
+
+
+def test_a_failed_injection_leaves_the_model_as_it_was():
+    model = tiny_model("wan")
+    processors = dict(model.attn_processors)
+
+    attn = model.blocks[1].attn1
+
+    def fails_once(processor):
+        del attn.set_processor  # back to the class's method for the rollback
+        raise RuntimeError("this processor cannot be set")
+
+    attn.set_processor = fails_once
+    with pytest.raises(RuntimeError, match="cannot be set"):
+        inject(model, "hybrid_gdn", chunk_frames=3, freeze_backbone=True)
+    assert all(model.attn_processors[name] is p for name, p in processors.items())
+    assert not any(".memory." in k for k in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(memkit.errors.AdapterError, match="no memkit adapter"):
+        adapters.get_handle(model)
+    inject(model, "full")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_prompts import checkpoint as text_checkpoint  # noqa: F401  (a fixture: tiny UMT5 + tokenizer folder)
 from test_wan_checkpoint import original_wan_state_dict
 
 import adapters
@@ -45,12 +46,33 @@ def test_local_diffusers_folder_with_prompt_embeddings_and_switch(tmp_path, caps
     tiny_wan_vae(z_dim=16).save_pretrained(tmp_path / "ckpt" / "vae")
     save_prompt_embeds(tmp_path / "p.safetensors", {"cat": torch.randn(6, 32), "dog": torch.randn(6, 32)})
     out = tmp_path / "v.mp4"
+    size = ["--height", "32", "--width", "48", "--memory", "sink_window"]
     code, text = run(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-embeds",
-                     str(tmp_path / "p.safetensors"), "--switch", "2", "--seconds", "2", "--height", "32", "--width",
-                     "48", "--memory", "sink_window", "--out", str(out), *FAST)
+                     str(tmp_path / "p.safetensors"), "--switch", "2", "--seconds", "2", *size, "--out", str(out),
+                     "--save-state", str(tmp_path / "s.safetensors"), *FAST)
     assert code == 0, text
     assert "the WanTransformer3DModel in" in text and "PromptSchedule(cat@0, dog@2)" in text
     assert read_video(out)[0].shape == (decoded_frames(9), 32, 48, 3)
+    # a resumed stream keeps its prompt when none is given
+    code, text = run(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--resume",
+                     str(tmp_path / "s.safetensors"), "--seconds", "3", *size, "--out", str(tmp_path / "more.mp4"),
+                     *FAST)
+    assert code == 0, text
+    assert "prompts: as saved" in text and read_video(tmp_path / "more.mp4")[0].shape[0] == 24
+
+
+def test_prompt_texts_through_the_checkpoint_text_encoder(tmp_path, capsys, text_checkpoint):  # noqa: F811
+    import shutil
+
+    from diffusers import WanTransformer3DModel
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(text_checkpoint, root)
+    WanTransformer3DModel(**{**adapters.WAN_CONFIGS["tiny"], "text_dim": 16}).save_pretrained(root / "transformer")
+    code, text = run(capsys, "generate", "--checkpoint", str(root), "--prompt", "a cat", "--prompt", "a dog",
+                     "--switch", "1", "--seconds", "1", "--no-decode", *FAST)
+    assert code == 0, text
+    assert "PromptSchedule(0: a cat@0, 1: a dog@1)" in text
 
 
 def test_wan_format_checkpoint_file_and_latent_prefix(tmp_path, capsys):

@@ -150,3 +150,47 @@ def test_context_noise_and_batch(handle):
     two = StreamingGenerator(handle, PROMPTS[:1], seed=2, batch=2, progress=False)
     out = latents_of(two.stream(2))
     assert out.shape == (2, 4, 6, 4, 6) and not torch.equal(out[0], out[1])
+
+
+def test_a_failed_chunk_changes_nothing_and_a_retry_makes_the_same_chunk(handle, vae):
+    reference = gen_for(handle, seed=4, vae=vae)
+    expected = list(reference.stream(2))
+    gen = gen_for(handle, seed=4, vae=vae)
+    list(gen.stream(1))
+    real_decode = gen.decoder.decode
+
+    def fail_once(latents):
+        gen.decoder.decode = real_decode
+        raise RuntimeError("out of memory (simulated)")
+
+    gen.decoder.decode = fail_once
+    with pytest.raises(RuntimeError, match="simulated"):
+        next(gen.stream(1))
+    assert gen.chunks_done == 1 and gen.state.cursor == 3 and gen.decoder.frames_in == 3
+    retry = next(gen.stream(1))
+    assert torch.equal(retry.latents, expected[1].latents) and torch.equal(retry.video, expected[1].video)
+
+
+def test_context_noise_is_a_warped_timestep_and_fork_keeps_decoding(handle, vae):
+    gen = gen_for(handle, context_noise=500.0, vae=vae)
+    list(gen.stream(1))
+    s = FlowSchedule().sigma(500.0)
+    assert torch.allclose(gen.state.context["timestep"], torch.full((1, 3), 1000.0 * s))
+    fork = gen.fork(seed=1)
+    assert fork.decoder is not None and next(fork.stream(1)).video is not None
+    assert gen.fork(vae=None).decoder is None
+
+
+def test_model_kwargs_reach_every_pass():
+    model = tiny_model("wan", image_dim=8, added_kv_proj_dim=24)
+    h = inject(model, "sink_window", chunk_frames=3, sink_frames=1, window_frames=3)
+    text = [torch.randn(1, 512, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    image = torch.randn(1, 4, 8, dtype=torch.float64)
+    outs = []
+    for im in (image, image + 1):
+        gen = StreamingGenerator(h, text, switches=[2], seed=0, progress=False,
+                                 model_kwargs={"encoder_hidden_states_image": im})
+        outs.append(latents_of(gen.stream(3)))
+    assert not torch.equal(outs[0], outs[1])
+    with pytest.raises(TypeError):
+        next(StreamingGenerator(h, text[:1], progress=False, model_kwargs={"nope": 1}).stream(1))

@@ -90,13 +90,15 @@ class Memory(nn.Module):
         raise NotImplementedError
 
     def recache(self, state: MemoryState, q, k, v, x, rope: Rope3D | None = None,
-                chunk_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MemoryState]:
+                chunk_ids: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, MemoryState]:
         """Re-encode the frames the memory holds from fresh ``q, k, v, x`` (say, under a new prompt).
 
         The tokens are those of ``held_frames(state.frames)``, in that order. The held keys, values and gates
         are replaced by the new ones; the frame count and any global memory are kept. Returns the frames'
         outputs (each attends to the held frames of its own and earlier chunks, ``chunk_ids`` giving each
-        frame's chunk; by default every frame is its own chunk) and the new state.
+        frame's chunk; by default every frame is its own chunk; window frames also read the global memory,
+        which holds only frames older than them, while sink frames read none, as when they were committed)
+        and the new state.
         """
         self._check_tokens(q, k, v, x, rope)
         self._check_state(state, q)
@@ -109,12 +111,16 @@ class Memory(nn.Module):
                 f"got {q.shape[1] // self.frame_tokens}"
             )
         if chunk_ids is None:
-            chunk_ids = torch.tensor(held, device=q.device)
-        if not isinstance(chunk_ids, torch.Tensor) or chunk_ids.shape != (len(held),) or chunk_ids.is_floating_point():
+            chunk_ids = held
+        if isinstance(chunk_ids, torch.Tensor):
+            if chunk_ids.is_floating_point() or chunk_ids.dim() != 1:
+                raise ShapeError(f"recache: chunk_ids must be {len(held)} integers, one per held frame")
+            chunk_ids = chunk_ids.tolist()
+        if len(chunk_ids) != len(held) or not all(isinstance(c, int) for c in chunk_ids):
             raise ShapeError(f"recache: chunk_ids must be {len(held)} integers, one per held frame")
-        if bool((chunk_ids.diff() < 0).any()):
+        if any(b < a for a, b in zip(chunk_ids, chunk_ids[1:])):
             raise ConfigError("recache: chunk_ids must not decrease (frames are held in stream order)")
-        return self._recache(state, q, k, v, x, rope, chunk_ids.to(q.device))
+        return self._recache(state, q, k, v, x, rope, chunk_ids)
 
     # -- to implement ---------------------------------------------------------
     def _recache(self, state, q, k, v, x, rope, chunk_ids):

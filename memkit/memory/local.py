@@ -152,14 +152,19 @@ class LocalMemory(Memory):
             q_att, k_att = q, k
         elif rope is not None:
             q_att, k_att = rope(q, 0), rope(k, 0)  # slots 0 .. n-1, as a read would place them
-        token_chunk = chunk_ids.repeat_interleave(T)
-        mask = token_chunk[None, :] <= token_chunk[:, None]
-        y = attention(q_att, k_att, v, attn_mask=mask, backend=self.cfg.attention_backend)
+        # Chunk ids do not decrease, so a chunk's frames see exactly the held frames up to its own last one.
+        outs, f0 = [], 0
+        for f1 in [i + 1 for i, (a, b) in enumerate(zip(chunk_ids, chunk_ids[1:] + [None])) if a != b]:
+            outs.append(attention(q_att[:, f0 * T: f1 * T], k_att[:, : f1 * T], v[:, : f1 * T],
+                                  backend=self.cfg.attention_backend))
+            f0 = f1
+        y = torch.cat(outs, dim=1)
         tensors = state.tensors
-        g = self._global_read(tensors, q, x, t)
-        if g is not None:
-            y = y + g
         n_sink = self._counts(t)[0] * T
+        # The global state holds evicted frames: older than every window frame, newer than the sink frames.
+        g = self._global_read(tensors, q[:, n_sink:], x[:, n_sink:], t)
+        if g is not None:
+            y = torch.cat([y[:, :n_sink], y[:, n_sink:] + g], dim=1)
         fresh = {"k": k, "v": v, **self._token_gates(x[:, n_sink:])}
         new_tensors = dict(tensors)
         for name, value in fresh.items():

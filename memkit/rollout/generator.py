@@ -24,6 +24,7 @@ from memkit.state import StreamState
 from .schedule import FlowSchedule, PromptSchedule
 
 log = logging.getLogger("memkit.rollout")
+_SAME = object()  # fork(): the parent's VAE
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,17 @@ class StreamingGenerator:
 
     handle: the adapter handle. prompts: a :class:`PromptSchedule`, or prompt embeddings (one tensor,
     a list, or a name -> tensor mapping, switched by ``switches``). schedule: the denoising steps.
-    context_noise: noise level (0..1000 scale) of the clean chunk in the context pass. vae: a diffusers
+    context_noise: the context pass's timestep (0..1000 scale, warped by the schedule's shift like the
+    denoising steps); the clean chunk is noised to that level before it is committed. vae: a diffusers
     ``AutoencoderKLWan`` to decode chunks as they are made (its causal cache is carried across chunks
-    and saved in the state). batch: videos generated side by side.
+    and saved in the state). batch: videos generated side by side. state: a stream to continue (see
+    :meth:`from_state`). model_kwargs: extra arguments for every forward of the model
+    (``encoder_hidden_states_image=`` for Wan I2V, ``fps=`` for SkyReels-V2).
     """
 
     def __init__(self, handle, prompts, *, switches=(), schedule: FlowSchedule | None = None,
-                 context_noise: float = 0.0, seed: int = 0, vae=None, batch: int = 1, progress: bool = True):
+                 context_noise: float = 0.0, seed: int = 0, vae=None, batch: int = 1, progress: bool = True,
+                 state: StreamState | None = None, model_kwargs: dict | None = None):
         self.handle = handle
         self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule(prompts, switches)
         self.schedule = schedule or FlowSchedule()
@@ -57,6 +62,7 @@ class StreamingGenerator:
             raise ConfigError(f"context_noise must lie in [0, 1000), got {context_noise}")
         self.context_noise = float(context_noise)
         self.progress = progress
+        self.model_kwargs = dict(model_kwargs or {})
         param = next(handle.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
@@ -65,7 +71,9 @@ class StreamingGenerator:
             from .vae import StreamingVAEDecoder
 
             self.decoder = StreamingVAEDecoder(vae)
-        self._stream = handle.init_state(batch)
+        if state is not None:
+            handle.check_state(state)
+        self._stream = handle.init_state(batch) if state is None else state
         self._chunk = 0
         self._active: tuple[int | None, torch.Tensor] | None = None  # (prompt index, embeddings) in the memory
         self._batched: dict[int, torch.Tensor] = {}
@@ -104,7 +112,8 @@ class StreamingGenerator:
     @classmethod
     def from_state(cls, handle, state: StreamState | str | os.PathLike, prompts=None, *, switches=(),
                    seed: int | None = None, vae=None, schedule: FlowSchedule | None = None,
-                   context_noise: float | None = None, progress: bool = True) -> "StreamingGenerator":
+                   context_noise: float | None = None, progress: bool = True,
+                   model_kwargs: dict | None = None) -> "StreamingGenerator":
         """Continue a saved stream. Without ``seed`` the noise continues where it stopped (bit-identical);
         with one, the continuation is a new fork. Without ``prompts`` the stream keeps its last prompt.
         The denoising schedule and context noise default to the saved stream's."""
@@ -123,9 +132,10 @@ class StreamingGenerator:
             raise StateFormatError(
                 f"this stream was made with chunk_frames={info['chunk_frames']}, the adapter has {handle.chunk_frames}"
             )
-        handle.check_state(state)
+        stream = state.replace(prompt_cache={}, rng=None, decoder={}, info={})
         gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise,
-                  seed=0 if seed is None else seed, vae=vae, batch=state.layers[0].batch, progress=progress)
+                  seed=0 if seed is None else seed, vae=vae, progress=progress, state=stream,
+                  model_kwargs=model_kwargs)
         if seed is None:
             if state.rng is None:
                 raise StateFormatError("this stream state holds no RNG state; pass seed= to continue with new noise")
@@ -135,17 +145,19 @@ class StreamingGenerator:
                 gen.decoder.load_state_dict(dict(state.decoder), info["decoder"])
             elif state.cursor:
                 log.warning("the stream state holds no VAE decoder cache: decoding restarts at this chunk")
-        gen._stream = state.replace(prompt_cache={}, rng=None, decoder={}, info={})
         gen._chunk = int(info.get("chunk", 0))
         if "embeds" in state.prompt_cache:
             # Which schedule entry it was is the caller's business; what the memory holds is this tensor.
             gen._active = (None, state.prompt_cache["embeds"])
         return gen
 
-    def fork(self, seed: int | None = None, vae=None) -> "StreamingGenerator":
-        """An independent generator continuing from here (``seed=None``: the same noise as this one would draw)."""
+    def fork(self, seed: int | None = None, vae=_SAME) -> "StreamingGenerator":
+        """An independent generator continuing from here (``seed=None``: the same noise as this one would draw),
+        decoding with this one's VAE unless given another (or None)."""
+        if vae is _SAME:
+            vae = None if self.decoder is None else self.decoder.vae
         return type(self).from_state(self.handle, self.state.clone(), self.prompts, seed=seed, vae=vae,
-                                     progress=self.progress)
+                                     progress=self.progress, model_kwargs=self.model_kwargs)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,8 +168,10 @@ class StreamingGenerator:
             raise ConfigError("prefill must come before the first generated chunk")
         latents = latents.to(device=self.device, dtype=self.dtype)
         prompt = self._prompt_for(0)
-        self._stream = self.handle.prefill(self._stream, latents, prompt, timestep=0.0)
-        return self.decoder.decode(latents) if self.decoder is not None else None
+        stream = self.handle.prefill(self._stream, latents, prompt, timestep=0.0, **self.model_kwargs)
+        video = self.decoder.decode(latents) if self.decoder is not None else None
+        self._stream = stream
+        return video
 
     @torch.no_grad()
     def stream(self, num_chunks: int) -> Iterator[Chunk]:
@@ -180,26 +194,30 @@ class StreamingGenerator:
         return torch.cat([c.latents for c in self.stream(num_chunks)], dim=2)
 
     def _next_chunk(self) -> Chunk:
-        h, c = self.handle, self._chunk
+        h, c, kw = self.handle, self._chunk, self.model_kwargs
         prompt = self._prompt_for(c)
-        F = h.chunk_frames
-        shape = (self.batch, h.dims.in_channels, F, *h.latent_size)
-        x = self._noise(shape)
-        sigmas = self.schedule.sigmas
-        for i, sigma in enumerate(sigmas):
-            flow = h.read(self._stream, x.to(self.dtype), 1000.0 * sigma, prompt)
-            x0 = x - sigma * flow.float()
-            if i + 1 < len(sigmas):
-                x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(shape)
-        clean = x0
-        if self.context_noise > 0:
-            s = self.schedule.sigma(self.context_noise)
-            clean = (1.0 - s) * x0 + s * self._noise(shape)
+        shape = (self.batch, h.dims.in_channels, h.chunk_frames, *h.latent_size)
+        rng_before = self.rng.get_state()
+        try:  # a chunk happens whole or not at all: on failure the noise, memory and decoder stay where they were
+            x = self._noise(shape)
+            sigmas = self.schedule.sigmas
+            for i, sigma in enumerate(sigmas):
+                flow = h.read(self._stream, x.to(self.dtype), 1000.0 * sigma, prompt, **kw)
+                x0 = x - sigma * flow.float()
+                if i + 1 < len(sigmas):
+                    x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(shape)
+            context, s = x0, 0.0
+            if self.context_noise > 0:
+                s = self.schedule.sigma(self.context_noise)
+                context = (1.0 - s) * x0 + s * self._noise(shape)
+            latents = x0.to(self.dtype)
+            _, stream = h.commit(self._stream, context.to(self.dtype), 1000.0 * s, prompt, **kw)
+            video = self.decoder.decode(latents) if self.decoder is not None else None
+        except BaseException:
+            self.rng.set_state(rng_before)
+            raise
         start = self._stream.cursor
-        _, self._stream = h.commit(self._stream, clean.to(self.dtype), self.context_noise, prompt)
-        latents = x0.to(self.dtype)
-        video = self.decoder.decode(latents) if self.decoder is not None else None
-        self._chunk += 1
+        self._stream, self._chunk = stream, c + 1
         return Chunk(c, start, latents, video, self.prompts.names[self.prompts.index_at(c)])
 
     def _noise(self, shape) -> torch.Tensor:
@@ -216,6 +234,6 @@ class StreamingGenerator:
             self._active = (index, embeds)
         elif self._active[0] != index:
             if not (self._active[1].shape == embeds.shape and torch.equal(self._active[1].to(embeds.device), embeds)):
-                self._stream = self.handle.recache(self._stream, prompt)
+                self._stream = self.handle.recache(self._stream, prompt, **self.model_kwargs)
             self._active = (index, embeds)
         return prompt

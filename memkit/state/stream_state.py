@@ -71,13 +71,15 @@ class StreamState:
         return self._map(MemoryState.clone, torch.Tensor.clone)
 
     def to(self, *args, **kwargs) -> "StreamState":
-        """Move every tensor (the RNG state stays a CPU byte tensor); a dtype casts floating tensors only."""
+        """Move every tensor but the RNG state (a CPU byte tensor). A dtype is the activations' dtype: it casts
+        the memories (as :meth:`MemoryState.to` does) and the held clean latents; the prompt, the timesteps and
+        the decoder cache keep theirs, so a resumed stream still recognises its prompt."""
         device, dtype, non_blocking = _parse_to(args, kwargs)
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=non_blocking)
-
-        return self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking), move)
+        moved = self._map(lambda s: s.to(device=device, dtype=dtype, non_blocking=non_blocking),
+                          lambda t: t.to(device=device, non_blocking=non_blocking))
+        if dtype is None or "latents" not in moved.context:
+            return moved
+        return replace(moved, context={**moved.context, "latents": moved.context["latents"].to(dtype)})
 
     @property
     def nbytes(self) -> int:

@@ -101,14 +101,17 @@ class Rope3D:
 
     def _memo(self, key, dtype, device, frame_offset, frames):
         # Every layer of a backbone rotates at the same positions in a pass: compute cos/sin once per pass.
+        # A pass rotates at most two position sets (queries, context keys); inference-mode tensors must not
+        # reach a later pass that records gradients.
         memo = self.__dict__.setdefault("_cos_sin_memo", {})
-        full_key = (key if isinstance(frame_offset, torch.Tensor) else ("range", *key), dtype, device)
+        full_key = (key if isinstance(frame_offset, torch.Tensor) else ("range", *key), dtype, device,
+                    torch.is_inference_mode_enabled())
         if full_key not in memo:
             if isinstance(frame_offset, torch.Tensor):
                 positions = frame_offset.to(device)
             else:
                 positions = torch.arange(frames, device=device) + frame_offset
-            if len(memo) >= 16:
+            if len(memo) >= 4:
                 memo.pop(next(iter(memo)))
             cos, sin = self.cos_sin(positions, dtype)
             memo[full_key] = (cos[:, None], sin[:, None])
