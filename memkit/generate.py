@@ -140,7 +140,7 @@ def run_generate(args, console: Console) -> int:
     if args.resume:  # the saved stream's own schedule and context noise, unless given
         gen = StreamingGenerator.from_state(handle, args.resume, schedule, vae=backbone.vae, schedule=steps,
                                             context_noise=args.context_noise, progress=not args.quiet)
-        console.print(f"resuming after chunk {gen.chunks_done} ({gen.state.cursor} latent frames)")
+        console.print(f"resuming after chunk {gen.chunks_done} ({gen.cursor} latent frames)")
         num_chunks = max(0, num_chunks - gen.chunks_done)
     else:
         gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=args.context_noise or 0.0,
@@ -180,8 +180,9 @@ def run_generate(args, console: Console) -> int:
         save_file({"latents": torch.cat(kept, dim=2).contiguous()}, args.save_latents)
         console.print(f"latents saved to {args.save_latents}")
     if args.save_state:
-        gen.save(args.save_state)
-        console.print(f"stream state ({gen.state.nbytes / 2**20:.1f} MiB) saved to {args.save_state}; "
+        state = gen.state  # built once: it copies the decoder cache
+        state.save(args.save_state)
+        console.print(f"stream state ({state.nbytes / 2**20:.1f} MiB) saved to {args.save_state}; "
                       f"continue with --resume {args.save_state}")
     return 0
 

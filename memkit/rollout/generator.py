@@ -88,6 +88,11 @@ class StreamingGenerator:
         return self._chunk
 
     @property
+    def cursor(self) -> int:
+        """Latent frames in the stream so far (the prefix included)."""
+        return self._stream.cursor
+
+    @property
     def memory_nbytes(self) -> int:
         """Bytes of the memories, held latents and the rest of the stream (without the decoder cache)."""
         return self._stream.nbytes
@@ -156,7 +161,9 @@ class StreamingGenerator:
         decoding with this one's VAE unless given another (or None)."""
         if vae is _SAME:
             vae = None if self.decoder is None else self.decoder.vae
-        return type(self).from_state(self.handle, self.state.clone(), self.prompts, seed=seed, vae=vae,
+        # States are values (no pass writes into one), so the fork may share this one's tensors; `state` already
+        # copies the one mutable part, the decoder cache.
+        return type(self).from_state(self.handle, self.state, self.prompts, seed=seed, vae=vae,
                                      progress=self.progress, model_kwargs=self.model_kwargs)
 
     # -- generation ----------------------------------------------------------------------------
