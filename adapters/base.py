@@ -9,8 +9,9 @@ chunk. Everything else is here:
   memory-backed ones, and returns an :class:`AdapterHandle`;
 * the handle runs the *stock* forward of the model on a latent chunk; during that call the processors
   route each block's q, k, v through its memory: ``read`` (denoising passes), ``commit`` (the context
-  pass), ``recache`` (re-encode the held frames after a prompt switch), or ``parallel`` (a whole clip,
-  block-causal, when the model is called directly, e.g. in teacher-forced training);
+  pass), ``recache`` (re-encode the held frames after a prompt switch), ``teacher`` (noisy chunks that
+  each read the memory of the clean clip before them, see :meth:`AdapterHandle.teacher_force`), or
+  ``parallel`` (a whole clip, block-causal, when the model is called directly);
 * ``remove`` restores the original processors and deletes the memories: the stock model again.
 """
 
@@ -34,6 +35,7 @@ from memkit.ops._checks import check_finite
 from memkit.state import MemoryState, StreamState
 
 HANDLE_ATTR = "_memkit_handle"
+_MISSING = object()
 MEMORY_ATTR = "memory"
 
 _BACKBONES: list[type[BackboneAdapter]] = []
@@ -94,6 +96,12 @@ class BackboneAdapter:
         """The stock model's prediction for ``latents``; ``timestep`` is ``(B,)`` or per frame ``(B, F)``."""
         raise NotImplementedError
 
+    # -- training ---------------------------------------------------------------------------
+    def checkpointing_modules(self) -> list[nn.Module]:
+        """The modules whose ``gradient_checkpointing`` flag (diffusers' convention) turns per-block activation
+        checkpointing on; the model's blocks are then run through ``_gradient_checkpointing_func``."""
+        return [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -109,7 +117,7 @@ class Dims:
 class _Pass:
     """What the processors of one forward need: the mode, the layers' states, and where to put new ones."""
 
-    mode: str  # "read" | "commit" | "recache"
+    mode: str  # "read" | "commit" | "recache" | "teacher"
     states: tuple[MemoryState, ...]
     prompt_key: int | None
     chunk_ids: torch.Tensor | None = None
@@ -144,7 +152,7 @@ class AdapterHandle:
     """
 
     def __init__(self, model: nn.Module, backbone: BackboneAdapter, cfg: MemoryConfig, chunk_frames: int,
-                 latent_size: tuple[int, int] | None, freeze_backbone: bool):
+                 latent_size: tuple[int, int] | None, freeze_backbone: bool, memory_dtype: torch.dtype | None = None):
         if not isinstance(cfg, MemoryConfig):
             raise ConfigError(f"inject needs a memkit.MemoryConfig, got {type(cfg).__name__}")
         if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
@@ -166,9 +174,12 @@ class AdapterHandle:
             if hasattr(attn, MEMORY_ATTR):
                 raise AdapterError(f"block {i}'s self-attention already has an attribute {MEMORY_ATTR!r}")
         param = next(model.parameters())
+        if memory_dtype is not None and not (isinstance(memory_dtype, torch.dtype) and memory_dtype.is_floating_point):
+            raise DTypeError(f"inject: memory_dtype must be a floating torch.dtype, got {memory_dtype!r}")
         memories = [
             build_memory(cfg, num_heads=d.num_heads, head_dim=d.head_dim, dim=d.dim,
-                         frame_tokens=self.grid[0] * self.grid[1]).to(device=param.device, dtype=param.dtype)
+                         frame_tokens=self.grid[0] * self.grid[1]).to(device=param.device,
+                                                                      dtype=memory_dtype or param.dtype)
             for _ in modules
         ]
         cross_procs = [None if cross is None else backbone.cross_attention_processor(self, cross.processor)
@@ -177,11 +188,12 @@ class AdapterHandle:
         # undoing a half-done injection.
         self._originals = [(attn, attn.processor, cross, None if cross is None else cross.processor)
                            for attn, cross in modules]
-        self._frozen = {}
+        self._frozen: list[tuple[nn.Parameter, bool]] = []  # by object: names change if peft wraps a layer later
+        self._checkpointing: list[tuple[nn.Module, bool, object]] | None = None  # flags before we turned it on
         try:
             if freeze_backbone:
-                for name, p in model.named_parameters():
-                    self._frozen[name] = p.requires_grad
+                for p in model.parameters():
+                    self._frozen.append((p, p.requires_grad))
                     p.requires_grad_(False)
             for i, ((attn, cross), mem, cross_proc) in enumerate(zip(modules, memories, cross_procs)):
                 attn.add_module(MEMORY_ATTR, mem)
@@ -219,11 +231,14 @@ class AdapterHandle:
         return self.memories[0].held_frames(cursor)
 
     def init_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> StreamState:
-        """An empty stream for ``batch`` videos; device and dtype default to the model's."""
+        """An empty stream for ``batch`` videos. Device and dtype default to the model's; under autocast the
+        dtype defaults to autocast's, which is what the attention projections then produce."""
         self._check_live()
         param = next(self.model.parameters())
         device = param.device if device is None else torch.device(device)
-        dtype = param.dtype if dtype is None else dtype
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else param.dtype
         return StreamState(tuple(mem.init_state(batch, device=device, dtype=dtype) for mem in self.memories))
 
     def read(self, state: StreamState, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
@@ -279,6 +294,70 @@ class AdapterHandle:
             self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
         return state.replace(layers=tuple(p.new_states))
 
+    def teacher_force(self, state: StreamState, latents, timestep, encoder_hidden_states, *, context,
+                      context_timestep=0.0, **kwargs) -> tuple[torch.Tensor, StreamState]:
+        """Teacher forcing over whole chunks in one forward: chunk ``i`` of the noisy ``latents`` reads the memory
+        as it is after committing the clean ``context`` chunks before it (from ``state`` on).
+
+        Equals, chunk by chunk, ``read(s, latents_i, t_i)`` then ``s = commit(s, context_i, context_t_i)``, i.e.
+        exactly what generation sees, but runs the model once over ``[context | latents]`` (twice the frames).
+        ``context`` has the shape of ``latents``: the clean chunks (or lightly noised ones, at
+        ``context_timestep``). Returns the predictions for ``latents`` and the state after the context.
+        Gradients flow through the memory state from chunk to chunk.
+        """
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=False)
+        F = latents.shape[2]
+        if F % self.chunk_frames:
+            raise ShapeError(f"teacher_force needs whole chunks of {self.chunk_frames} frames, got {F} frames")
+        if not isinstance(context, torch.Tensor) or context.shape != latents.shape:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ShapeError(f"context must have the shape of the latents {tuple(latents.shape)}, got {got}")
+        self._check_latents(context, exact=False)
+        t_ctx = self._timestep(context_timestep, context)
+        per_frame = [x if x.dim() == 2 else x[:, None].expand(-1, F) for x in (t_ctx, t)]
+        with self._running("teacher", state, encoder_hidden_states, kwargs) as p:
+            pred = self.backbone.forward(torch.cat([context, latents], dim=2), torch.cat(per_frame, dim=1),
+                                         encoder_hidden_states, **kwargs)
+        cursor = state.cursor + F
+        held = self._held_context(state, context, t_ctx, cursor)
+        return pred[:, :, F:], state.replace(layers=tuple(p.new_states), cursor=cursor, context=held)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (per-block activation
+        checkpointing, through diffusers' ``gradient_checkpointing`` hook). Works in every pass mode: the
+        recomputation sees the memory states of the pass that made the activations. ``remove`` restores the
+        model's own setting."""
+        self._check_live()
+        modules = self.backbone.checkpointing_modules()
+        if not modules:
+            raise AdapterError(f"{type(self.model).__name__} has no gradient_checkpointing hook to use")
+        if enabled:
+            if self._checkpointing is None:
+                self._checkpointing = [
+                    (m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _MISSING))
+                    for m in modules
+                ]
+            for m in modules:
+                m.gradient_checkpointing = True
+                m._gradient_checkpointing_func = self._checkpoint_block
+        elif self._checkpointing is not None:
+            _restore_checkpointing(self._checkpointing)
+            self._checkpointing = None
+
+    def _checkpoint_block(self, block, *args):
+        p = self._pass
+
+        def run(*inputs):
+            if self._pass is p:  # the forward itself
+                return block(*inputs)
+            outer, self._pass = self._pass, p  # recomputation during backward: the pass is over, bring it back
+            try:
+                return block(*inputs)
+            finally:
+                self._pass = outer
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
     def parallel(self, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
         """A whole clip at once, block-causal over chunks of ``chunk_frames`` (teacher forcing).
 
@@ -311,10 +390,25 @@ class AdapterHandle:
             return mem.read(state, q, k, v, x, rope=self.rope())
         if p.mode == "commit":
             y, new = mem.commit(state, q, k, v, x, rope=self.rope())
+        elif p.mode == "teacher":
+            y, new = self._teacher_mix(mem, state, q, k, v, x)
         else:
             y, new = mem.recache(state, q, k, v, x, rope=self.rope(), chunk_ids=p.chunk_ids)
         p.new_states[index] = new
         return y
+
+    def _teacher_mix(self, mem: Memory, state: MemoryState, q, k, v, x):
+        """Tokens ``[context | noisy]``: commit each context chunk, read each noisy chunk before its commit."""
+        half = q.shape[1] // 2
+        n = self.chunk_frames * mem.frame_tokens
+        rope = self.rope()
+        ys_ctx, ys_noisy = [], []
+        for c0 in range(0, half, n):
+            ctx, noisy = slice(c0, c0 + n), slice(half + c0, half + c0 + n)
+            ys_noisy.append(mem.read(state, q[:, noisy], k[:, noisy], v[:, noisy], x[:, noisy], rope=rope))
+            y, state = mem.commit(state, q[:, ctx], k[:, ctx], v[:, ctx], x[:, ctx], rope=rope)
+            ys_ctx.append(y)
+        return torch.cat(ys_ctx + ys_noisy, dim=1), state
 
     def prompt_key(self) -> int | None:
         """An id of the prompt of the pass in progress, for caching its cross-attention K/V (None: no cache)."""
@@ -377,8 +471,8 @@ class AdapterHandle:
         The same tensor objects, unmodified since, are the same conditioning; holding references keeps their
         ids from being reused by other tensors.
         """
-        if any(t.requires_grad for t in conditioning):
-            return None
+        if any(t.requires_grad or t.is_inference() for t in conditioning):
+            return None  # inference tensors keep no version counter: an in-place edit could not be seen
         versions = tuple(t._version for t in conditioning)
         for key, (refs, seen) in self._prompts.items():
             if len(refs) == len(conditioning) and all(a is b for a, b in zip(refs, conditioning)) and seen == versions:
@@ -481,13 +575,15 @@ class AdapterHandle:
             if not math.isfinite(timestep):
                 raise ConfigError(f"timestep must be finite, got {timestep}")
             return torch.full((B,), float(timestep), device=latents.device)  # no host-to-device copy
-        t = torch.as_tensor(timestep).to(device=latents.device, dtype=torch.float32)
+        t = torch.as_tensor(timestep)
+        on_host = t.device.type == "cpu"  # checking a host tensor costs no device sync: always do it
+        t = t.to(device=latents.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(B)
         elif t.shape not in ((B,), (B, F)):
             raise ShapeError(f"timestep must be a number, (B,) = ({B},) or per frame (B, F) = ({B}, {F}); "
                              f"got {tuple(t.shape)}")
-        if (self.cfg.check_finite or t.device.type == "cpu") and not bool(torch.isfinite(t).all()):
+        if (self.cfg.check_finite or on_host) and not bool(torch.isfinite(t).all()):
             raise ConfigError("timestep contains NaN or Inf")
         return t
 
@@ -503,16 +599,19 @@ def backbone_for(model: nn.Module) -> type[BackboneAdapter]:
 
 
 def inject(model: nn.Module, cfg: MemoryConfig, chunk_frames: int = 3, *, latent_size: tuple[int, int] | None = None,
-           freeze_backbone: bool = False) -> AdapterHandle:
+           freeze_backbone: bool = False, memory_dtype: torch.dtype | None = None) -> AdapterHandle:
     """Put a memory of config ``cfg`` into every block of ``model``, in place, and return its handle.
 
     latent_size: (height, width) of the latent frames the stream will have (it sizes the memories'
         caches); defaults to the backbone's native resolution (Wan2.1: 480x832 video, 60x104 latents).
     freeze_backbone: turn off gradients of every backbone parameter (restored by ``remove``).
+    memory_dtype: dtype of the memories' parameters; defaults to the model's. Training keeps them float32
+        (master weights) beside a bf16 backbone and runs under autocast (Lightning's ``bf16-mixed``).
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise AdapterError("this model already has a memkit adapter injected; adapters.remove(model) first")
-    return AdapterHandle(model, backbone_for(model)(model), cfg, chunk_frames, latent_size, freeze_backbone)
+    return AdapterHandle(model, backbone_for(model)(model), cfg, chunk_frames, latent_size, freeze_backbone,
+                         memory_dtype)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -528,7 +627,10 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def _restore(model: nn.Module, handle: AdapterHandle) -> None:
-    """Put back what injection changed: processors, memories (if added), requires_grad flags."""
+    """Put back what injection changed: processors, memories (if added), requires_grad flags, checkpointing."""
+    if handle._checkpointing is not None:
+        _restore_checkpointing(handle._checkpointing)
+        handle._checkpointing = None
     for attn, _, _, _ in handle._originals:
         if isinstance(getattr(attn, MEMORY_ATTR, None), Memory):
             delattr(attn, MEMORY_ATTR)
@@ -536,9 +638,17 @@ def _restore(model: nn.Module, handle: AdapterHandle) -> None:
         attn.set_processor(proc)
         if cross is not None:
             cross.set_processor(cross_proc)
-    params = dict(model.named_parameters())
-    for name, flag in handle._frozen.items():
-        params[name].requires_grad_(flag)
+    for p, flag in handle._frozen:
+        p.requires_grad_(flag)
+
+
+def _restore_checkpointing(saved) -> None:
+    for module, flag, fn in saved:
+        module.gradient_checkpointing = flag
+        if fn is _MISSING:
+            module.__dict__.pop("_gradient_checkpointing_func", None)
+        else:
+            module._gradient_checkpointing_func = fn
 
 
 def get_handle(model: nn.Module) -> AdapterHandle:

@@ -9,11 +9,13 @@ from .base import register_backbone
 from .wan import WAN_CONFIGS, WanAdapter, random_wan
 
 
-def random_skyreels_v2(size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+def random_skyreels_v2(size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
+                       overrides: dict | None = None):
     """A randomly initialised ``SkyReelsV2Transformer3DModel`` of one of the Wan sizes (no download)."""
     from diffusers import SkyReelsV2Transformer3DModel
 
-    return random_wan(size, seed=seed, dtype=dtype, device=device, model_class=SkyReelsV2Transformer3DModel)
+    return random_wan(size, seed=seed, dtype=dtype, device=device, model_class=SkyReelsV2Transformer3DModel,
+                      overrides=overrides)
 
 
 @register_backbone

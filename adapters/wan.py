@@ -33,19 +33,27 @@ WAN_CONFIGS = {
 
 
 def random_wan(size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-               model_class=None):
+               model_class=None, overrides: dict | None = None):
     """A randomly initialised ``WanTransformer3DModel`` of one of :data:`WAN_CONFIGS` (no download).
 
     In ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` would load it: the modules diffusers keeps in
-    float32 (norms, time embedder, modulation tables) stay float32.
+    float32 (norms, time embedder, modulation tables) stay float32. ``overrides`` changes config fields
+    (``{"in_channels": 3, "out_channels": 3}``: a pixel-space model).
     """
+    import inspect
+
     from diffusers import WanTransformer3DModel
 
     if size not in WAN_CONFIGS:
         raise ConfigError(f"unknown Wan size {size!r}; known: {', '.join(WAN_CONFIGS)}")
+    cls = model_class or WanTransformer3DModel
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no config fields {unknown}; known: {', '.join(sorted(known))}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = (model_class or WanTransformer3DModel)(**WAN_CONFIGS[size])
+        model = cls(**{**WAN_CONFIGS[size], **(overrides or {})})
     nn.Module.to(model, device=device, dtype=dtype)  # diffusers' own .to warns about its float32 modules
     keep = set(model._keep_in_fp32_modules or ())
     for name, module in model.named_modules():
@@ -103,7 +111,9 @@ class CachedCrossAttention:
         if key is None or trains:
             return compute()
         weights = tuple((p.data_ptr(), p._version) for p in attn.parameters())
-        full_key = (key, weights, text.dtype, text.device, torch.is_inference_mode_enabled())
+        device = text.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        full_key = (key, weights, text.dtype, text.device, torch.is_inference_mode_enabled(), autocast)
         if full_key not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.popitem(last=False)

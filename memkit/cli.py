@@ -1,4 +1,5 @@
-"""The ``memkit`` command: ``demo``, ``doctor``, ``generate``, ``bench memory``, ``bench stream``."""
+"""The ``memkit`` command: ``demo``, ``doctor``, ``generate``, ``train``, ``encode``, ``bench memory``,
+``bench stream``, ``bench train``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+
+from memkit.bench.train import LOSSES as TRAIN_LOSSES
+from memkit.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -50,6 +54,41 @@ def _bench_stream(args, console: Console) -> int:
         plot_results(results, args.plot, title, time_label="time per chunk (ms)")
         console.print(f"plot written to {args.plot}")
     return 0
+
+
+def _bench_train(args, console: Console) -> int:
+    from memkit.bench.train import results_table, run_train_bench
+
+    if args.frames < args.chunk_frames:
+        raise ConfigError(f"--frames {args.frames} is shorter than one chunk (--chunk-frames {args.chunk_frames})")
+    overrides = {"in_channels": 3, "out_channels": 3} if args.pixel else {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_train_bench(
+        losses=args.losses, size=args.size, latent_size=tuple(args.latent_size), frames=args.frames,
+        batch=args.batch, chunk_frames=args.chunk_frames, memory=args.memory, sink_frames=args.sink_frames,
+        window_frames=args.window_frames, steps=args.steps, warmup=args.warmup, device=args.device,
+        dtype=DTYPES[args.dtype], activation_checkpointing=args.activation_checkpointing, overrides=overrides,
+    )
+    h, w = args.latent_size
+    title = (f"memkit bench train: Wan {args.size!r} (random weights), batch {args.batch} x {args.frames} latent "
+             f"frames of {h}x{w}, chunks of {args.chunk_frames}, {args.memory} (sink {args.sink_frames} + window "
+             f"{args.window_frames}), memory-only training, {args.device} {args.dtype}"
+             f"{', activation checkpointing' if args.activation_checkpointing else ''}; {args.steps} timed steps")
+    console.print(results_table(results, title))
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    from memkit.train.cli import run_train
+
+    return run_train(argv)
+
+
+def _encode(args, console: Console) -> int:
+    from memkit.data.encode import run_encode
+
+    return run_encode(args, console)
 
 
 def _generate(args, console: Console) -> int:
@@ -118,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     st.set_defaults(fn=_bench_stream)
 
+    tr = bsub.add_parser("train", help="training steps/s and peak memory of each loss beside the stock model's "
+                                       "forward+backward over the same frames")
+    tr.add_argument("--losses", nargs="+", default=list(TRAIN_LOSSES), choices=list(TRAIN_LOSSES))
+    tr.add_argument("--size", default="tiny", help="Wan config: tiny, small or 1.3B (default: tiny)")
+    tr.add_argument("--pixel", action="store_true", help="a 3-channel (pixel-space) variant of the config")
+    tr.add_argument("--latent-size", type=int, nargs=2, default=[16, 16], metavar=("H", "W"))
+    tr.add_argument("--frames", type=int, default=12, help="latent frames per clip (default: 12)")
+    tr.add_argument("--batch", type=int, default=1)
+    tr.add_argument("--chunk-frames", type=int, default=3)
+    tr.add_argument("--memory", default="hybrid_gdn")
+    tr.add_argument("--sink-frames", type=int, default=3)
+    tr.add_argument("--window-frames", type=int, default=6)
+    tr.add_argument("--steps", type=int, default=5, help="timed steps per loss")
+    tr.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    tr.add_argument("--activation-checkpointing", action="store_true")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    tr.set_defaults(fn=_bench_train)
+
+    sub.add_parser("train", help="fine-tune a memory with Lightning (memkit train --help)", add_help=False)
+
+    from memkit.data.encode import add_encode_parser
+
+    add_encode_parser(sub)
+
     gen = sub.add_parser("generate", help="stream a long video from a retrofitted backbone into an mp4")
     gen.add_argument("--backbone", choices=["wan", "skyreels_v2"], default="wan")
     gen.add_argument("--checkpoint", help="a diffusers model folder (with transformer/, vae/, text_encoder/) or an "
@@ -162,14 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     console = Console()
     from memkit.errors import MemkitError
 
     try:
+        if argv[:1] == ["train"]:  # Lightning's CLI parses its own flags
+            return _train(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.fn(args, console)
     except (MemkitError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
 
 

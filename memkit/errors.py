@@ -54,3 +54,7 @@ class CheckpointError(MemkitError, ValueError):
 
 class AdapterError(MemkitError, RuntimeError):
     """A model cannot be injected, is not injected, or an adapter handle was used after removal."""
+
+
+class DataError(MemkitError, ValueError):
+    """A training sample or data file cannot be used (unreadable, too short, wrong shape or channels)."""

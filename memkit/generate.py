@@ -42,44 +42,32 @@ def _dtype(name: str) -> torch.dtype:
 
 def load_backbone(args, console: Console) -> Backbone:
     """The transformer (and a VAE and text encoder when the checkpoint folder has them)."""
-    import adapters
+    from adapters.loading import BackboneSpec
+    from adapters.loading import load_backbone as build
     from memkit.rollout.vae import tiny_wan_vae
 
     dtype, device = _dtype(args.dtype), torch.device(args.device)
-    random_model = {"wan": adapters.random_wan, "skyreels_v2": adapters.random_skyreels_v2}[args.backbone]
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    spec = BackboneSpec(family=args.backbone, checkpoint=args.checkpoint, size=args.size, seed=args.seed,
+                        dtype=args.dtype)
+    loaded = build(spec, device=device)
+    model = loaded.model
     vae_path = Path(args.vae) if args.vae else None
-    if ckpt is None:
-        model = random_model(args.size, seed=args.seed, dtype=dtype, device=device)
+    if spec.checkpoint is None:
         vae = None if args.no_decode else _load_vae(vae_path, dtype, device) if vae_path else \
             tiny_wan_vae(z_dim=model.config.in_channels).to(device=device, dtype=dtype)
         what = (f"a randomly initialised {args.backbone} backbone (size {args.size!r}, random weights: the video is "
                 f"noise-like; pass --checkpoint for a real model)")
         return Backbone(model, vae, None, what, True)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    if ckpt.is_dir() and ((ckpt / "transformer").is_dir() or (ckpt / "config.json").is_file()):
-        cls = _model_class(args.backbone)
-        sub = "transformer" if (ckpt / "transformer").is_dir() else None
-        model = cls.from_pretrained(ckpt, subfolder=sub, torch_dtype=dtype, local_files_only=True).to(device).eval()
-        root = ckpt if sub else ckpt.parent
+    if loaded.report is not None:  # an original Wan-format file (or a folder of shards) into a model of --size
+        console.print(str(loaded.report))
+        encoder = None
+    else:
+        ckpt = Path(spec.checkpoint)
+        root = ckpt if (ckpt / "transformer").is_dir() else ckpt.parent
         vae_path = vae_path or (root / "vae" if (root / "vae").is_dir() else None)
         encoder = root / "text_encoder" if (root / "text_encoder").is_dir() else None
-        what = f"the {cls.__name__} in {ckpt}"
-    else:  # an original Wan-format file (or a folder of shards) into a model of --size
-        model = random_model(args.size, seed=args.seed, dtype=dtype, device=device)
-        report = adapters.load_wan_checkpoint(model, ckpt)
-        console.print(str(report))
-        encoder = None
-        what = f"{args.backbone} {args.size} with the weights of {ckpt}"
     vae = None if args.no_decode or vae_path is None else _load_vae(vae_path, dtype, device)
-    return Backbone(model, vae, Path(args.text_encoder) if args.text_encoder else encoder, what, False)
-
-
-def _model_class(backbone: str):
-    from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
-
-    return {"wan": WanTransformer3DModel, "skyreels_v2": SkyReelsV2Transformer3DModel}[backbone]
+    return Backbone(model, vae, Path(args.text_encoder) if args.text_encoder else encoder, loaded.description, False)
 
 
 def _load_vae(path: Path, dtype, device):

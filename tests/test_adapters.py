@@ -327,3 +327,86 @@ def test_a_failed_injection_leaves_the_model_as_it_was():
     with pytest.raises(memkit.errors.AdapterError, match="no memkit adapter"):
         adapters.get_handle(model)
     inject(model, "full")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_prompt_edited_in_place_after_a_read_is_attended_with_its_new_values(mode):
+    model = tiny_model("wan")
+    h = inject(model, "full", chunk_frames=3)
+    with getattr(torch, mode)():
+        latents, prompt = clip(frames=3)  # under inference mode: inference tensors, which keep no version counter
+        state = h.init_state(2)
+        first = h.read(state, latents, T_SHARED, prompt)
+        prompt.add_(1.0)  # the same tensor object, new values: its cached K/V are stale
+        edited = h.read(state, latents, T_SHARED, prompt)
+        fresh = h.read(state, latents, T_SHARED, prompt.clone())
+        _, committed = h.commit(state, latents, T_SHARED, prompt)
+        _, committed_fresh = h.commit(state, latents, T_SHARED, prompt.clone())
+    assert torch.equal(edited, fresh) and rel_err(edited, first) > 1e-3
+    for a, b in zip(committed.layers, committed_fresh.layers):
+        assert all(torch.equal(a[n], b[n]) for n in a.tensors)
+    adapters.remove(model)
+
+
+def test_an_image_context_edited_in_place_is_attended_with_its_new_values():
+    model = tiny_model("wan", image_dim=8, added_kv_proj_dim=24)
+    latents, _ = clip(frames=3)
+    text = torch.randn(2, 512, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(2, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = inject(model, "full", chunk_frames=3)
+    with torch.no_grad():
+        state = h.init_state(2)
+        first = h.read(state, latents, T_SHARED, text, encoder_hidden_states_image=image)
+        image.mul_(-1.0)
+        edited = h.read(state, latents, T_SHARED, text, encoder_hidden_states_image=image)
+        fresh = h.read(state, latents, T_SHARED, text, encoder_hidden_states_image=image.clone())
+    assert torch.equal(edited, fresh) and rel_err(edited, first) > 1e-3
+    adapters.remove(model)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), torch.tensor(float("nan")),
+                                 torch.tensor(float("nan"), dtype=torch.float64), torch.tensor([500.0, float("nan")])],
+                         ids=["float_nan", "float_inf", "tensor0d_nan", "tensor0d_nan_f64", "tensor1d_nan"])
+def test_a_non_finite_timestep_is_refused_even_with_check_finite_off(bad):
+    model = tiny_model("wan")
+    latents, prompt = clip(frames=3)
+    h = inject(model, "sink_window", chunk_frames=3, sink_frames=1, window_frames=3, check_finite=False)
+    with torch.no_grad():
+        state = h.init_state(2)
+        for call in (h.read, h.commit):
+            with pytest.raises(memkit.errors.ConfigError, match="finite|NaN"):
+                call(state, latents, bad, prompt)
+        with pytest.raises(memkit.errors.ConfigError, match="finite|NaN"):
+            h.prefill(state, latents, prompt, timestep=bad)
+        # the same inputs with a finite timestep run: the refusal is the timestep's alone
+        assert torch.isfinite(h.read(state, latents, 500.0, prompt)).all()
+    adapters.remove(model)
+
+
+def test_bf16_backbone_with_float32_memories_under_autocast_tracks_the_float32_model():
+    """Not only the dtypes: values under autocast are the float32 model's within bf16 rounding, and that tolerance
+    is far below what dropping the global memory changes."""
+    import copy
+
+    torch.manual_seed(0)  # the memories' initial weights come from the global generator
+    model = tiny_model("wan", dtype=torch.bfloat16)
+    reference_model = torch.nn.Module.to(copy.deepcopy(model), torch.float32)  # the same (bf16) weights, in float32
+    cfg = memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2)
+    h = adapters.inject(model, cfg, chunk_frames=2, latent_size=LATENT, memory_dtype=torch.float32)
+    ref = adapters.inject(reference_model, cfg, chunk_frames=2, latent_size=LATENT)
+    for mem, ref_mem in zip(h.memories, ref.memories):
+        perturb_params(mem, seed=1)
+        ref_mem.load_state_dict(mem.state_dict())
+    latents, prompt = clip(frames=10, dtype=torch.float32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state = stream_commits(h, latents, T_SHARED, prompt)
+        expected, expected_state = stream_commits(ref, latents, T_SHARED, prompt)
+        adapters.remove(reference_model)
+        local_only = inject(reference_model, "sink_window", chunk_frames=2, sink_frames=1, window_frames=2)
+        wrong, _ = stream_commits(local_only, latents, T_SHARED, prompt)
+    assert out.dtype == torch.bfloat16 and state.layers[0]["global.M"].dtype == torch.float32
+    assert rel_err(out.float(), expected) < 5e-2
+    assert all(rel_err(a["global.M"], b["global.M"]) < 5e-2 for a, b in zip(state.layers, expected_state.layers))
+    assert rel_err(wrong[:, :, 4:], expected[:, :, 4:]) > 0.1  # the global read matters from the third chunk on
+    adapters.remove(model)

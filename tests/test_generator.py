@@ -143,13 +143,73 @@ def test_streamed_decode_equals_decoding_the_whole_video(handle, vae):
     assert torch.equal(streamed, whole)
 
 
-def test_context_noise_and_batch(handle):
-    clean = latents_of(gen_for(handle, seed=2).stream(2))
-    noisy = latents_of(gen_for(handle, seed=2, context_noise=100.0).stream(2))
-    assert torch.equal(clean[:, :, :3], noisy[:, :, :3]) and not torch.equal(clean[:, :, 3:], noisy[:, :, 3:])
+CHUNK = (1, 4, 3, 4, 6)  # one chunk of the tiny backbone
+
+
+def test_context_noise_commits_the_chunk_noised_by_the_warped_formula(handle):
+    clean_gen, noisy_gen = gen_for(handle, seed=2), gen_for(handle, seed=2, context_noise=100.0)
+    clean, noisy = next(clean_gen.stream(1)).latents, next(noisy_gen.stream(1)).latents
+    assert torch.equal(clean, noisy)  # the denoising passes only read the memory before the chunk
+    rng = torch.Generator().manual_seed(2)
+    draws = [torch.randn(CHUNK, generator=rng, dtype=torch.float32) for _ in range(5)]
+    s = 0.5 / 1.4  # shift 5 warps t = 100 (s = 0.1) to 5 * 0.1 / (1 + 4 * 0.1)
+    expected = ((1.0 - s) * clean.float() + s * draws[4]).double()  # the draw after the four denoising ones
+    ctx = noisy_gen.state.context
+    assert torch.allclose(ctx["latents"], expected, rtol=0, atol=1e-6)
+    assert torch.allclose(ctx["timestep"], torch.full((1, 3), 1000.0 * s))
+    assert torch.equal(noisy_gen.rng.get_state(), rng.get_state())  # exactly five draws
+    # a clean context pass commits the chunk itself at t = 0, after four draws
+    assert torch.equal(clean_gen.state.context["latents"], clean)
+    assert torch.equal(clean_gen.state.context["timestep"], torch.zeros(1, 3))
+    rng4 = torch.Generator().manual_seed(2)
+    torch.randn((4, *CHUNK), generator=rng4)
+    assert torch.equal(clean_gen.rng.get_state(), rng4.get_state())
+    # what follows reads the noised context: it is what committing those latents by hand makes
+    state = handle.init_state(1)
+    _, state = handle.commit(state, expected, 1000.0 * s, PROMPTS[0])
+    for a, b in zip(noisy_gen.state.layers, state.layers):
+        assert all(rel_err(a[n], b[n]) < 1e-6 for n in a.tensors)
+
+
+def test_batch_rows_are_streams_of_their_own_noise_rows(handle, monkeypatch):
+    from memkit.rollout.sampler import commit_chunk, denoise_chunk
+
     two = StreamingGenerator(handle, PROMPTS[:1], seed=2, batch=2, progress=False)
+    draws = []
+    real_noise = two._noise
+    monkeypatch.setattr(two, "_noise", lambda shape: draws.append(real_noise(shape)) or draws[-1])
     out = latents_of(two.stream(2))
-    assert out.shape == (2, 4, 6, 4, 6) and not torch.equal(out[0], out[1])
+    assert out.shape == (2, 4, 6, 4, 6) and len(draws) == 8
+    # the rows are different videos, not copies of one
+    assert rel_err(out[0], out[1]) > 0.1 and rel_err(draws[0][0], draws[0][1]) > 0.1
+    # each row is exactly the single stream made from that row of every noise draw: no row sees another
+    schedule = FlowSchedule()
+    for b in range(2):
+        noise = iter([d[b: b + 1] for d in draws]).__next__
+        state, chunks = handle.init_state(1), []
+        with torch.no_grad():
+            for _ in range(2):
+                x0 = denoise_chunk(handle, state, PROMPTS[0], schedule, noise, dtype=torch.float64)
+                state = commit_chunk(handle, state, x0, PROMPTS[0], schedule, noise, dtype=torch.float64)
+                chunks.append(x0.double())
+        assert rel_err(out[b: b + 1], torch.cat(chunks, dim=2)) < 1e-10
+
+
+def test_resume_takes_the_context_noise_from_the_saved_state(handle, tmp_path):
+    gen = gen_for(handle, seed=6, context_noise=300.0)
+    list(gen.stream(1))
+    gen.save(tmp_path / "s.safetensors")
+    rest = list(gen.stream(2))
+    resumed = StreamingGenerator.from_state(handle, tmp_path / "s.safetensors", progress=False)
+    assert resumed.context_noise == 300.0 and resumed.state.info["context_noise"] == 300.0
+    again = list(resumed.stream(2))
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(rest, again))
+    # another context noise: the same first chunk (it reads the saved memory), a different commit after it
+    other = StreamingGenerator.from_state(handle, tmp_path / "s.safetensors", context_noise=600.0, progress=False)
+    assert other.context_noise == 600.0
+    changed = list(other.stream(2))
+    assert torch.equal(changed[0].latents, rest[0].latents)
+    assert rel_err(changed[1].latents, rest[1].latents) > 1e-3
 
 
 def test_a_failed_chunk_changes_nothing_and_a_retry_makes_the_same_chunk(handle, vae):

@@ -1,13 +1,16 @@
-"""Prompt embedding files, random prompts, and encoding with a local (tiny, random) UMT5 encoder."""
+"""Prompt embedding files, prompt schedules, random prompts, and encoding with a local (tiny, random) UMT5 encoder."""
 
 import shutil
 import sys
 
 import pytest
 import torch
+from backbones import inject, tiny_model
 from safetensors.torch import save_file
 
+import adapters
 from memkit.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, StateFormatError
+from memkit.rollout import PromptSchedule, StreamingGenerator
 from memkit.rollout.prompts import (
     clean_prompt,
     encode_prompts,
@@ -97,6 +100,38 @@ def test_random_prompt_embeds():
     assert not torch.equal(first["prompt_0"], random_prompt_embeds(1, 7, 16, seed=6)["prompt_0"])
     with pytest.raises(ConfigError):
         random_prompt_embeds(0, 7, 16, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("form", ["tensor", "list", "mapping"])
+def test_prompt_schedule_refuses_a_non_finite_prompt(form, bad):
+    good = torch.zeros(1, 3, 8)
+    poisoned = torch.zeros(3, 8)
+    poisoned[1, 2] = bad
+    prompts = {"tensor": poisoned, "list": [good, poisoned], "mapping": {"calm": good, "broken": poisoned}}[form]
+    switches = () if form == "tensor" else [2]
+    with pytest.raises(NonFiniteError, match="'broken'" if form == "mapping" else "prompt"):
+        PromptSchedule(prompts, switches=switches)
+
+
+def test_a_non_finite_prompt_is_refused_by_a_generator_whose_memory_skips_finite_checks():
+    model = tiny_model("wan")
+    h = inject(model, "sink_window", chunk_frames=3, sink_frames=1, window_frames=3, check_finite=False)
+    prompt = torch.randn(1, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prompt[0, 2, 3] = float("nan")
+    try:
+        with pytest.raises(NonFiniteError, match="NaN"):
+            StreamingGenerator(h, prompt, progress=False)
+        with pytest.raises(NonFiniteError, match="NaN"):
+            StreamingGenerator(h, [prompt.nan_to_num(0.0), prompt], switches=[1], progress=False)
+        # the same prompt made finite streams: the refusal is the NaN's alone
+        chunk = next(StreamingGenerator(h, prompt.nan_to_num(0.0), progress=False).stream(1))
+        assert torch.isfinite(chunk.latents).all()
+    finally:
+        adapters.remove(model)
 
 
 # ---------------------------------------------------------------------------------------------- encoding

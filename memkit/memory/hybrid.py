@@ -42,6 +42,8 @@ class HybridMemory(LocalMemory):
 
     state_fields = ("sink_frames", "window_frames", "rope_mode", "evict_aggregate")
     scan_kernels: tuple[str, ...] = ()
+    # Parameters of the read path (the rest write the global state: gates and decays).
+    read_parameters: tuple[str, ...] = ("out_gate", "norm_weight", "router_w", "router_b")
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)

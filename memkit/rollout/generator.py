@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from memkit.errors import ConfigError, StateFormatError
 from memkit.state import StreamState
 
+from .sampler import commit_chunk, denoise_chunk
 from .schedule import FlowSchedule, PromptSchedule
 
 log = logging.getLogger("memkit.rollout")
@@ -206,19 +207,11 @@ class StreamingGenerator:
         shape = (self.batch, h.dims.in_channels, h.chunk_frames, *h.latent_size)
         rng_before = self.rng.get_state()
         try:  # a chunk happens whole or not at all: on failure the noise, memory and decoder stay where they were
-            x = self._noise(shape)
-            sigmas = self.schedule.sigmas
-            for i, sigma in enumerate(sigmas):
-                flow = h.read(self._stream, x.to(self.dtype), 1000.0 * sigma, prompt, **kw)
-                x0 = x - sigma * flow.float()
-                if i + 1 < len(sigmas):
-                    x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(shape)
-            context, s = x0, 0.0
-            if self.context_noise > 0:
-                s = self.schedule.sigma(self.context_noise)
-                context = (1.0 - s) * x0 + s * self._noise(shape)
+            noise = lambda: self._noise(shape)  # noqa: E731
+            x0 = denoise_chunk(h, self._stream, prompt, self.schedule, noise, dtype=self.dtype, model_kwargs=kw)
             latents = x0.to(self.dtype)
-            _, stream = h.commit(self._stream, context.to(self.dtype), 1000.0 * s, prompt, **kw)
+            stream = commit_chunk(h, self._stream, x0, prompt, self.schedule, noise, dtype=self.dtype,
+                                  context_noise=self.context_noise, model_kwargs=kw)
             video = self.decoder.decode(latents) if self.decoder is not None else None
         except BaseException:
             self.rng.set_state(rng_before)

@@ -19,11 +19,16 @@ SCHEMA_KEY = "memkit_schema"
 
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write tensors and JSON-able ``meta`` atomically (a crash leaves the old file intact)."""
+    header = {SCHEMA_KEY: str(SCHEMA_VERSION), "meta": json.dumps(meta, sort_keys=True)}
+    write_safetensors(path, tensors, header)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+    """Any safetensors file, written atomically: a hidden temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses views that share storage; each saved tensor gets its own.
     flat = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
-    header = {SCHEMA_KEY: str(SCHEMA_VERSION), "meta": json.dumps(meta, sort_keys=True)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
