@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from memkit.errors import ConfigError
+from memkit.ops._checks import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FAMILIES = ("wan", "skyreels_v2")
 
 

@@ -12,8 +12,7 @@ from rich.console import Console
 
 from memkit.bench.train import LOSSES as TRAIN_LOSSES
 from memkit.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+from memkit.ops._checks import DTYPES
 
 
 def _bench_memory(args, console: Console) -> int:

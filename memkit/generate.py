@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from memkit.errors import ConfigError
+from memkit.ops._checks import DTYPES
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
 PIXELS_PER_LATENT = 8
@@ -35,18 +36,13 @@ class Backbone:
         return (64, 64) if small else (480, 832)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float64": torch.float64}[name]
-
-
 def load_backbone(args, console: Console) -> Backbone:
     """The transformer (and a VAE and text encoder when the checkpoint folder has them)."""
     from adapters.loading import BackboneSpec
     from adapters.loading import load_backbone as build
     from memkit.rollout.vae import tiny_wan_vae
 
-    dtype, device = _dtype(args.dtype), torch.device(args.device)
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
     spec = BackboneSpec(family=args.backbone, checkpoint=args.checkpoint, size=args.size, seed=args.seed,
                         dtype=args.dtype)
     loaded = build(spec, device=device)

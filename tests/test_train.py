@@ -360,7 +360,7 @@ def test_export_writes_memory_and_lora_weights_and_never_replaces_a_file(tmp_pat
     (tmp_path / "memory.lora.safetensors").write_bytes(b"keep")
     export = ExportMemoryWeights(str(tmp_path / "memory.safetensors"))
     fit(module, fixed_batch(), steps=1, callbacks=[export])
-    memory_file, lora_file = export.written
+    memory_file, lora_file = export.written["memory"], export.written["lora"]
     assert memory_file == tmp_path / "memory.safetensors"
     assert lora_file == tmp_path / "memory.lora.step1.safetensors"  # the existing file is kept
     assert (tmp_path / "memory.lora.safetensors").read_bytes() == b"keep"

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from rich.table import Table
 
+from memkit.ops._checks import DTYPES
+
 LOSSES = ("teacher_forcing", "teacher_forcing_noisy", "rolling", "self_rollout")
 
 
@@ -30,11 +32,6 @@ class TrainResult:
     @property
     def median_s(self) -> float:
         return statistics.median(self.step_s)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -56,6 +53,8 @@ def _batch(model, batch: int, frames: int, latent_size, seed: int) -> dict:
 
 def stock_step_times(model, batch: dict, device, dtype, steps: int, warmup: int) -> list[float]:
     """The un-injected model: forward + backward over the clip with every backbone parameter trained."""
+    from memkit.train.callbacks import synchronize
+
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(True)
     x = batch["latents"].to(device, dtype)
@@ -64,11 +63,11 @@ def stock_step_times(model, batch: dict, device, dtype, steps: int, warmup: int)
     times = []
     try:
         for i in range(warmup + steps):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = model(x, t, prompt, return_dict=False)[0]
             out.float().pow(2).mean().backward()
-            _sync(device)
+            synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
@@ -104,10 +103,11 @@ def run_train_bench(losses=LOSSES, size: str = "tiny", latent_size=(16, 16), fra
     import memkit
     from adapters.loading import BackboneSpec, load_backbone
     from memkit.train import MemoryFinetune
+    from memkit.train.callbacks import StepTimer
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines per loss
     device = torch.device(device)
-    dtype_name = {v: k for k, v in adapters.loading.DTYPES.items()}[dtype]
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     overrides = dict(overrides or {})
     spec = BackboneSpec(size=size, seed=seed, overrides=overrides, dtype=dtype_name)
     model = load_backbone(spec, device=device).model
@@ -126,7 +126,7 @@ def run_train_bench(losses=LOSSES, size: str = "tiny", latent_size=(16, 16), fra
         loss = _loss(name, size, seed, overrides, chunk_frames, frames)
         module = MemoryFinetune(backbone=model, memory=cfg, loss=loss, chunk_frames=chunk_frames,
                                 latent_size=tuple(latent_size), activation_checkpointing=activation_checkpointing)
-        timer = _StepTimer(device, warmup)
+        timer = StepTimer(warmup)
         trainer = L.Trainer(max_steps=10**9, limit_train_batches=warmup + steps, max_epochs=1,
                             accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -135,7 +135,7 @@ def run_train_bench(losses=LOSSES, size: str = "tiny", latent_size=(16, 16), fra
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                trainer.fit(module, _repeat(data))
+                trainer.fit(module, torch.utils.data.DataLoader(_Repeat(data), batch_size=None))
             results[name] = TrainResult(name, _frames_note(name, frames), timer.times, _peak(device))
         except torch.cuda.OutOfMemoryError:
             results[name] = TrainResult(name, _frames_note(name, frames), note="out of memory")
@@ -153,36 +153,15 @@ def _frames_note(name: str, frames: int) -> str:
     return f"{frames}"
 
 
-class _StepTimer:
-    """A Lightning callback timing each training batch after ``warmup`` (device-synchronised)."""
+class _Repeat(torch.utils.data.IterableDataset):
+    """One batch, forever (the Trainer's ``limit_train_batches`` ends the epoch)."""
 
-    def __new__(cls, device, warmup):
-        import lightning as L
+    def __init__(self, batch: dict):
+        self.batch = batch
 
-        class Timer(L.Callback):
-            def __init__(self):
-                self.times, self._t0, self._seen = [], 0.0, 0
-
-            def on_train_batch_start(self, *args):
-                _sync(device)
-                self._t0 = time.perf_counter()
-
-            def on_train_batch_end(self, *args):
-                _sync(device)
-                if self._seen >= warmup:
-                    self.times.append(time.perf_counter() - self._t0)
-                self._seen += 1
-
-        return Timer()
-
-
-def _repeat(batch: dict):
-    class Repeat(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            while True:
-                yield batch
-
-    return torch.utils.data.DataLoader(Repeat(), batch_size=None)
+    def __iter__(self):
+        while True:
+            yield self.batch
 
 
 def results_table(results: dict[str, TrainResult], title: str) -> Table:

@@ -10,7 +10,6 @@ Lightning checkpoints, so a run resumed mid-epoch sees exactly the batches an un
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from memkit.errors import ConfigError, DataError
 
-from .sources import ClipSource
+from .sources import ClipSource, seed_of
 
 log = logging.getLogger("memkit.data")
 
@@ -33,11 +32,6 @@ class DataRequirements:
     latent_size: tuple[int, int]
     text_dim: int
     chunk_frames: int
-
-
-def _seed_of(*parts: int) -> int:
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class ClipSampler(DistributedSampler):
@@ -95,7 +89,7 @@ class ClipDataset(Dataset):
         need = dm.source_frames_of(usable)
         start = 0
         if self.random_crop and available > need:
-            gen = torch.Generator().manual_seed(_seed_of(dm.seed, epoch, index))
+            gen = torch.Generator().manual_seed(seed_of(dm.seed, epoch, index))
             start = int(torch.randint(available - need + 1, (), generator=gen))
         item = src.read(index, start, need, dm.source_size)
         sample = {"index": index}
@@ -167,7 +161,6 @@ class ClipDataModule(L.LightningDataModule):
         self._default_prompt: torch.Tensor | None = None
         self._family_prompts: dict[int, torch.Tensor] = {}
         self._resume: tuple[int, int] | None = None
-        self.skipped_total = 0
 
     # -- binding to a model ------------------------------------------------------------------
     def bind(self, requirements: DataRequirements) -> ClipDataModule:
@@ -256,7 +249,7 @@ class ClipDataModule(L.LightningDataModule):
         if "prompt_id" in item:  # a procedural family: one fixed embedding per family
             family = int(item["prompt_id"])
             if family not in self._family_prompts:
-                gen = torch.Generator().manual_seed(_seed_of(self.seed, "family", family))
+                gen = torch.Generator().manual_seed(seed_of(self.seed, "family", family))
                 self._family_prompts[family] = torch.randn(self.prompt_len, dim, generator=gen)
             return self._family_prompts[family]
         return self._default_prompt

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from memkit.errors import ConfigError, DataError
+from memkit.ops._checks import DTYPES
 from memkit.state.io import write_safetensors
 
 from .sources import check_positive_int, check_size
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SHARD_KIND = "latent shard"
 
 # Captions are embedded this many videos at a time: each encode_prompts call loads the text encoder once.

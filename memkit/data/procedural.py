@@ -9,7 +9,6 @@ code: the frames are bit-identical across windows, thread counts and processes.
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 
 from memkit.errors import ConfigError
 
-from .sources import ClipSource, check_index, check_positive_int, check_size, check_window
+from .sources import ClipSource, check_index, check_positive_int, check_size, check_window, seed_of
 
 SHAPE_KINDS = ("disc", "square", "ring", "bar")
 
@@ -25,11 +24,6 @@ SHAPE_KINDS = ("disc", "square", "ring", "bar")
 _MARGIN = 0.12
 # Background frequency pairs (cycles per frame width / height); integers, so the texture wraps seamlessly.
 _FREQUENCIES = [(fx, fy) for fx in range(-3, 4) for fy in range(0, 4) if (fy > 0 or fx > 0) and abs(fx) + fy <= 4]
-
-
-def _seed_of(*parts) -> int:
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _rgb(hue: float, saturation: float, value: float) -> tuple[float, float, float]:
@@ -83,7 +77,7 @@ class ProceduralVideos(ClipSource):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
-        self._family_offset = _seed_of("family", seed) % self.kinds
+        self._family_offset = seed_of("family", seed) % self.kinds
 
     def __len__(self) -> int:
         return self.count
@@ -107,7 +101,7 @@ class ProceduralVideos(ClipSource):
         return {"video": render(plan, range(start, start + frames), height, width), "prompt_id": plan.family}
 
     def _plan(self, index: int) -> _Plan:
-        generator = torch.Generator().manual_seed(_seed_of(self.seed, index))
+        generator = torch.Generator().manual_seed(seed_of(self.seed, index))
 
         def uniform(low: float, high: float) -> float:
             return low + (high - low) * float(torch.rand((), generator=generator, dtype=torch.float64))

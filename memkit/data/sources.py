@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -38,6 +39,12 @@ class ClipSource(ABC):
         Returns ``{"video": tensor}`` or ``{"latents": tensor}`` (per :attr:`modality`), optionally also
         ``"prompt_embeds"`` (float32 (L, D)) or ``"prompt_id"`` (int). Raises DataError naming the item on any problem.
         """
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from any parts (seed, index, epoch, a label): the same in every process and platform."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def check_index(source: ClipSource, index: int) -> int:

@@ -9,6 +9,8 @@ import torch
 from memkit.errors import DeviceError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the dtypes memkit's commands and configs take, by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:

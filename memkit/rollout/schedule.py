@@ -37,7 +37,10 @@ class FlowSchedule:
             raise ConfigError(f"FlowSchedule shift must be positive, got {self.shift}")
 
     def sigma(self, t: float) -> float:
-        s = t / 1000.0
+        return self.warp(t / 1000.0)
+
+    def warp(self, s):
+        """The shift's warp of a level ``s`` in [0, 1] (a float or a tensor)."""
         return self.shift * s / (1.0 + (self.shift - 1.0) * s)
 
     @property

@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 log = logging.getLogger("memkit.train")
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training batch after the first ``warmup`` ones (``times``, seconds), synchronised with
+    the accelerator so that queued GPU work is counted in its own batch."""
+
+    def __init__(self, warmup: int = 0):
+        self.warmup, self.times, self._seen, self._t0 = warmup, [], 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        if self._seen >= self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+        self._seen += 1
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ExportMemoryWeights(L.Callback):
@@ -17,7 +43,7 @@ class ExportMemoryWeights(L.Callback):
 
     def __init__(self, path: str, overwrite: bool = False):
         self.path, self.overwrite = Path(path), overwrite
-        self.written: list[Path] = []
+        self.written: dict[str, Path] = {}  # "memory" / "lora" -> the file written
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -27,16 +53,16 @@ class ExportMemoryWeights(L.Callback):
 
         from .trainable import lora_state_dict
 
-        targets = [(self.path, lambda p: save_memory(pl_module.model, p))]
+        targets = [("memory", self.path, lambda p: save_memory(pl_module.model, p))]
         if pl_module.trainable == "lora":
             lora_path = self.path.with_name(self.path.stem + ".lora.safetensors")
             meta = {"type": "LoraWeights", "options": vars(pl_module.lora_options)}
-            targets.append((lora_path, lambda p: io.write(p, lora_state_dict(pl_module.model), meta)))
-        for path, write in targets:
+            targets.append(("lora", lora_path, lambda p: io.write(p, lora_state_dict(pl_module.model), meta)))
+        for kind, path, write in targets:
             if path.exists() and not self.overwrite:
                 alt = path.with_name(f"{path.stem}.step{trainer.global_step}{path.suffix}")
                 log.warning("%s exists; writing %s instead", path, alt)
                 path = alt
             write(path)
-            self.written.append(path)
+            self.written[kind] = path
             log.info("wrote %s", path)

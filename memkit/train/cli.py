@@ -77,8 +77,8 @@ def run_train(argv: list[str]) -> int:
     except MisconfigurationException as exc:  # e.g. trainer.gradient_clip_val: the module clips (model.*)
         raise ConfigError(_one_line(exc)) from None
     if cli.trainer.is_global_zero:
-        for path in exporter.written:
-            print(f"memory weights written to {path}" if "lora" not in path.name else f"LoRA weights written to {path}")
+        for kind, path in exporter.written.items():
+            print(f"{'LoRA' if kind == 'lora' else 'memory'} weights written to {path}")
     return 0
 
 

@@ -51,7 +51,7 @@ class NoiseLevels:
         else:
             s = torch.sigmoid(self.mean + self.std * torch.randn(shape, generator=generator, device=generator.device))
         s = s.clamp(1e-4, 1.0)
-        return (self.shift * s / (1.0 + (self.shift - 1.0) * s)).to(device)
+        return FlowSchedule(shift=self.shift).warp(s).to(device)
 
 
 def per_frame(levels: torch.Tensor, chunk_frames: int) -> torch.Tensor:

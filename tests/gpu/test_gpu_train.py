@@ -4,15 +4,13 @@ memory-only with activation checkpointing, with steps/s and peak memory printed 
     pytest -q -s tests/gpu/test_gpu_train.py
 """
 
-import time
-
 import lightning as L
 import pytest
 import torch
 
 import memkit
 from adapters.loading import BackboneSpec
-from memkit.train import MemoryFinetune, RollingMemory, SelfRolloutDMD, TeacherForcing
+from memkit.train import MemoryFinetune, RollingMemory, SelfRolloutDMD, StepTimer, TeacherForcing
 
 pytestmark = pytest.mark.gpu
 
@@ -31,19 +29,6 @@ class Repeat(torch.utils.data.IterableDataset):
             yield self.batch
 
 
-class Timer(L.Callback):
-    def __init__(self):
-        self.times = []
-
-    def on_train_batch_start(self, *args):
-        torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, *args):
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.t0)
-
-
 @pytest.mark.parametrize("name,frames", [("teacher_forcing", 21), ("rolling", 48), ("self_rollout", 21)])
 def test_bf16_memory_finetune_of_the_1p3b_shape(name, frames):
     loss = {"teacher_forcing": lambda: TeacherForcing(),
@@ -53,13 +38,13 @@ def test_bf16_memory_finetune_of_the_1p3b_shape(name, frames):
     module = MemoryFinetune(backbone=SPEC, memory=memkit.MemoryConfig(kind="hybrid_gdn", rope_mode="relative"),
                             loss=loss, latent_size=LATENT, activation_checkpointing=True)
     before = {k: v.clone() for k, v in module.model.state_dict().items() if ".memory." in k}
-    timer = Timer()
+    timer = StepTimer(warmup=1)
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10**9, limit_train_batches=4,
                         max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[timer])
     trainer.fit(module, torch.utils.data.DataLoader(Repeat(frames), batch_size=None))
     peak = torch.cuda.max_memory_allocated() / 2**30
-    step = sorted(timer.times[1:])[len(timer.times[1:]) // 2]
+    step = sorted(timer.times)[len(timer.times) // 2]
     print(f"\n{name}: {frames} latent frames, {1 / step:.3f} steps/s ({step:.2f} s/step), peak {peak:.1f} GiB")
     after = module.model.state_dict()
     assert all(after[k].dtype == torch.float32 for k in before)

@@ -137,9 +137,7 @@ class SelfRolloutDMD(TrainingLoss):
 
     def _levels(self, B: int, generator: torch.Generator, device) -> torch.Tensor:
         u = torch.rand((B,), generator=generator, device=generator.device).to(device)
-        t = self.min_timestep + (self.max_timestep - self.min_timestep) * u
-        s = t / 1000.0
-        return self.schedule.shift * s / (1.0 + (self.schedule.shift - 1.0) * s)
+        return self.schedule.sigma(self.min_timestep + (self.max_timestep - self.min_timestep) * u)
 
     def _flow(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
