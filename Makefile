@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m memkit demo
+	$(PY) -m memkit demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m memkit bench memory --chunks 256 --plot docs/img/bench_memory.png
-	$(PY) -m memkit bench stream --chunks 200 --plot docs/img/bench_stream_cpu.png
+	$(PY) -m memkit bench memory --chunks 256 --plot docs/img/bench_memory.png --overwrite
+	$(PY) -m memkit bench stream --chunks 200 --plot docs/img/bench_stream_cpu.png --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

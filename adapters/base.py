@@ -167,6 +167,13 @@ class AdapterHandle:
             raise ConfigError(f"inject: latent_size {size} is not divisible by the patch size {d.patch_size[1:]}")
         self.latent_size = size
         self.grid = (size[0] // ph, size[1] // pw)  # tokens per frame: height x width after patching
+        positions = backbone.rope_tables()[0].shape[0]
+        if max(self.grid) > positions:
+            raise ConfigError(
+                f"inject: latent_size {size} makes a {self.grid[0]}x{self.grid[1]} token grid, but this "
+                f"{type(model).__name__}'s RoPE table covers {positions} positions per axis; pass a latent_size of "
+                f"at most {positions * ph}x{positions * pw}, or use a backbone with a longer table"
+            )
         modules = backbone.attention_modules()
         if not modules:
             raise AdapterError(f"{type(model).__name__} has no attention blocks to inject into")
@@ -225,6 +232,16 @@ class AdapterHandle:
         """The memories' parameters (what fine-tuning trains)."""
         for mem in self.memories:
             yield from mem.parameters()
+
+    def describe(self) -> dict:
+        """What a stream made on this adapter records of it (JSON-able): the backbone family, the model's class and
+        config hash, the memory config, chunk frames and latent size. ``StreamState.settings`` reads it back."""
+        from .loading import backbone_identity
+
+        identity = backbone_identity(self.model)
+        return {"backbone": self.backbone.name, "backbone_class": identity["class"],
+                "backbone_config_hash": identity["config_hash"], "memory": self.cfg.to_dict(),
+                "chunk_frames": self.chunk_frames, "latent_size": list(self.latent_size)}
 
     def held_frames(self, cursor: int) -> list[int]:
         """Stream indices of the frames the memories hold after ``cursor`` committed frames."""
@@ -507,6 +524,9 @@ class AdapterHandle:
         if not isinstance(state, StreamState):
             raise TypeError(f"state must be a memkit.StreamState (from init_state or commit), got "
                             f"{type(state).__name__}")
+        recorded = state.info.get("adapter")
+        if recorded:
+            self._check_recorded(recorded)
         if len(state.layers) != len(self.memories):
             raise StateMismatchError(
                 f"the state has {len(state.layers)} layers but this model has {len(self.memories)} injected blocks"
@@ -519,6 +539,18 @@ class AdapterHandle:
                 )
             if layer.frames != state.cursor:
                 raise StateMismatchError(f"layer {i} has {layer.frames} frames but the stream cursor is {state.cursor}")
+
+    def _check_recorded(self, recorded: dict) -> None:
+        """Name each field that shapes a state and differs between a stream's record and this adapter."""
+        mine, theirs = self.describe(), dict(recorded)
+        mem = self.memories[0]
+        fields = [("memory", "kind"), *((name, name) for name in mem.state_fields)]
+        pairs = [(label, theirs.get("memory", {}).get(key), mine["memory"][key]) for label, key in fields]
+        pairs += [(name, theirs.get(name), mine[name]) for name in ("chunk_frames", "latent_size")]
+        diffs = [f"{name}: state {got}, adapter {want}" for name, got, want in pairs
+                 if got is not None and _listed(got) != _listed(want)]
+        if diffs:
+            raise StateMismatchError("this stream state was made with another memory setup: " + "; ".join(diffs))
 
     def _check_latents(self, latents, exact: bool) -> None:
         if not isinstance(latents, torch.Tensor):
@@ -657,3 +689,7 @@ def get_handle(model: nn.Module) -> AdapterHandle:
     if handle is None:
         raise AdapterError(f"this {type(model).__name__} has no memkit adapter injected")
     return handle
+
+
+def _listed(value):
+    return list(value) if isinstance(value, (tuple, list)) else value

@@ -208,11 +208,21 @@ def _read_shard_directory(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory} holds no *{SAFETENSORS_SUFFIX} shards")
     merged: dict[str, torch.Tensor] = {}
     for shard in shards:
-        for name, tensor in _read_safetensors(shard).items():
+        tensors = _read_safetensors(shard)
+        if not any(_looks_like_wan(name) for name in tensors):
+            raise CheckpointError(
+                f"{shard} holds no Wan transformer weights (its tensors: {_short_list(list(tensors))}); a folder "
+                f"given as a checkpoint must hold the *{SAFETENSORS_SUFFIX} shards of one Wan-format model"
+            )
+        for name, tensor in tensors.items():
             if name in merged:
                 raise CheckpointError(f"{name!r} is in more than one shard of {directory} (again in {shard.name})")
             merged[name] = tensor
     return merged
+
+
+def _looks_like_wan(name: str) -> bool:
+    return "blocks." in name or any(marker in name for marker in (*_ORIGINAL_MARKERS, *_DIFFUSERS_MARKERS))
 
 
 def _select_state_dict(obj: object, key: str | None, path: Path) -> tuple[Mapping, str | None]:

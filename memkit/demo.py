@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -50,21 +48,26 @@ def check_streaming_equals_parallel(console: Console) -> bool:
     return ok
 
 
-def run_demo(console: Console, out_dir: str = "out", chunks: int = 96) -> int:
+DEMO_FILES = ["memory_demo.png", "demo.mp4"]
+
+
+def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite: bool = False) -> int:
+    from memkit.outputs import check_output_folder
+
+    folder = check_output_folder(out_dir, "--out", DEMO_FILES, overwrite=overwrite)  # before any work
     console.print("[bold]memkit demo[/bold]: memories on random inputs (CPU, built-in default sizes)\n")
     ok = check_streaming_equals_parallel(console)
     results = run_memory_bench(chunks=chunks)
     title = f"{chunks} chunks x 3 frames x 64 tokens, 4x32 heads, sink 3 + window 6, CPU float32"
     print_results(results, "time per chunk and state size: " + title, console)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = str(Path(out_dir) / "memory_demo.png")
+    path = str(folder / DEMO_FILES[0])
     plot_results(results, path, title)
     console.print(f"plot written to {path}\n")
     from memkit.cli import build_parser
     from memkit.generate import run_generate
 
-    video = str(Path(out_dir) / "demo.mp4")
+    video = str(folder / DEMO_FILES[1])
     args = build_parser().parse_args(["generate", "--seconds", "10", "--switch", "7", "--out", video,
-                                      "--device", "cpu", "--dtype", "float32"])
+                                      "--device", "cpu", "--dtype", "float32", *(["--overwrite"] if overwrite else [])])
     generated = run_generate(args, console)
     return 0 if ok and generated == 0 else 1

@@ -1,12 +1,18 @@
 """``memkit generate``: stream a long video from a retrofitted backbone, with prompt switches, a prefix,
-saving and resuming, decoded chunk by chunk into an mp4.
+saving, resuming and forking, decoded chunk by chunk into an mp4.
 
 Runs on a local checkpoint (a diffusers model folder, or an original Wan-format file such as
 Self-Forcing's ``self_forcing_dmd.pt``), or by default on a small randomly initialised backbone.
+
+A saved stream describes itself: besides the memories it records the backbone (how to rebuild it), the memory
+config, sizes, sampling, prompts and noise seed, so ``--resume FILE`` alone continues it. Every input and output
+is checked before any work; outputs are written whole or not at all, and never over an existing file without
+``--overwrite``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +20,33 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from memkit.errors import ConfigError
+from memkit.cli_args import checked_device
+from memkit.errors import ConfigError, StateFormatError
+from memkit.memory import list_memories
 from memkit.ops._checks import DTYPES
+from memkit.outputs import check_outputs
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
 PIXELS_PER_LATENT = 8
+FRAMES_PER_LATENT = 4  # Wan's VAE: one latent frame is 4 video frames (the first of a stream is 1)
+
+#: Settings a stream is made with, their flags and defaults. On --resume they come from the file; a flag that
+#: contradicts the file is an error.
+FIXED = {
+    "backbone": ("--backbone", "wan"), "checkpoint": ("--checkpoint", None), "size": ("--size", "tiny"),
+    "dtype": ("--dtype", None), "vae": ("--vae", None), "memory": ("--memory", "hybrid_gdn"),
+    "sink_frames": ("--sink-frames", 3), "window_frames": ("--window-frames", 6),
+    "rope_mode": ("--rope-mode", "relative"), "memory_weights": ("--memory-weights", None),
+    "chunk_frames": ("--chunk-frames", 3), "height": ("--height", None), "width": ("--width", None),
+}
+#: Sampling settings, which a fork (--resume FILE --fork) may change.
+FORKABLE = {"seed": ("--seed", 0), "steps": ("--steps", [1000.0, 750.0, 500.0, 250.0]), "shift": ("--shift", 5.0),
+            "context_noise": ("--context-noise", 0.0)}
+#: Files a resumed stream may find at another path.
+MOVABLE = ("checkpoint", "vae", "memory_weights")
+#: Recorded under the stream's "recipe" (the rest the generator records itself).
+RECIPE = ("checkpoint", "size", "backbone_seed", "dtype", "vae", "memory_weights", "memory_weights_sha256",
+          "height", "width")
 
 
 @dataclass
@@ -36,34 +64,277 @@ class Backbone:
         return (64, 64) if small else (480, 832)
 
 
-def load_backbone(args, console: Console) -> Backbone:
+@dataclass
+class Plan:
+    """Everything ``memkit generate`` will do, settled and checked before any model is loaded."""
+
+    settings: dict
+    device: torch.device
+    outputs: dict[str, Path]
+    resume: object | None   # the StreamState to continue
+    fork: bool
+
+
+def add_generate_parser(sub, parser_class) -> None:
+    from memkit.cli_args import default_device, finite_float, nonnegative_int, positive_float, positive_int
+
+    gen = sub.add_parser("generate", help="stream a long video from a retrofitted backbone into an mp4")
+    what = gen.add_argument_group("the stream (recorded in --save-state; --resume reads them from the file)")
+    what.add_argument("--backbone", choices=["wan", "skyreels_v2"], help="backbone family (default: wan)")
+    what.add_argument("--checkpoint", help="a diffusers model folder (with transformer/, vae/, text_encoder/) or an "
+                                           "original Wan-format file (Self-Forcing, CausVid, LongLive); default: a "
+                                           "small randomly initialised backbone")
+    what.add_argument("--size", help="Wan config for the random backbone or a Wan-format file: tiny, small, 1.3B "
+                                     "(default: tiny)")
+    what.add_argument("--vae", help="a diffusers AutoencoderKLWan folder (default: the checkpoint's vae/)")
+    what.add_argument("--memory", help="memory variant (memkit.list_memories(); default: hybrid_gdn)")
+    what.add_argument("--sink-frames", type=nonnegative_int, help="default: 3")
+    what.add_argument("--window-frames", type=positive_int, help="default: 6")
+    what.add_argument("--rope-mode", choices=["absolute", "relative"],
+                      help="relative (default) keeps RoPE positions bounded however long the stream")
+    what.add_argument("--memory-weights", help="trained memory weights (memkit.save_memory, memkit train)")
+    what.add_argument("--chunk-frames", type=positive_int, help="latent frames per chunk (default: 3)")
+    what.add_argument("--height", type=positive_int, help="video height (default: 480; 64 for tiny and small)")
+    what.add_argument("--width", type=positive_int, help="video width (default: 832; 64 for tiny and small)")
+    what.add_argument("--dtype", choices=list(DTYPES),
+                      help="default: bfloat16 with CUDA, float32 without")
+    how = gen.add_argument_group("sampling (a --fork may change them)")
+    how.add_argument("--seed", type=nonnegative_int,
+                     help="noise seed, and the random backbone's and random prompts' seed (default: 0)")
+    how.add_argument("--steps", type=positive_float, nargs="+", help="denoising timesteps (default: 1000 750 500 250)")
+    how.add_argument("--shift", type=positive_float, help="sampling shift (default: 5)")
+    how.add_argument("--context-noise", type=finite_float,
+                     help="noise level of the context pass, 0-1000 (default: 0)")
+    prompts = gen.add_argument_group("prompts")
+    prompts.add_argument("--prompt-embeds", help="a safetensors file of prompt embeddings (1, L, text_dim), in order")
+    prompts.add_argument("--prompt", action="append", default=[], help="a prompt text (repeat for a schedule)")
+    prompts.add_argument("--text-encoder", help="a local UMT5 encoder folder for --prompt")
+    prompts.add_argument("--switch", type=positive_int, action="append", default=[],
+                         help="chunk at which the next prompt takes over (repeat; one fewer than the prompts)")
+    length = gen.add_argument_group("length, start and continuation")
+    length.add_argument("--seconds", type=positive_float,
+                        help="seconds of new video this run generates, at 16 fps (default: 10)")
+    length.add_argument("--total-seconds", type=positive_float,
+                        help="generate until the stream (prefix or resumed part included) is this long")
+    length.add_argument("--prefix", help="clean start: latents (.safetensors with 'latents'), an image "
+                                         "(image-to-video) or a video to extend")
+    length.add_argument("--resume", help="continue a stream saved with --save-state (its settings come from it)")
+    length.add_argument("--fork", action="store_true",
+                        help="with --resume: fork the stream, e.g. with another --seed (the file is not changed)")
+    out = gen.add_argument_group("outputs (checked before any work; never replaced without --overwrite)")
+    out.add_argument("--out", help="the mp4 (default: out/video.mp4)")
+    out.add_argument("--crf", type=nonnegative_int, default=18, help="H.264 quality: 0 lossless, 18 default, 51 worst")
+    out.add_argument("--no-decode", action="store_true", help="do not decode: latents only, no mp4")
+    out.add_argument("--save-latents", help="also save the generated latents (safetensors)")
+    out.add_argument("--save-state", help="save the stream at the end (continue it with --resume)")
+    out.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--device", default=default_device(), help="default: cuda when available, else cpu")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(fn=_run)
+
+
+def _run(args, console: Console) -> int:
+    return run_generate(args, console)
+
+
+# -- planning: everything that needs no model ----------------------------------------------------------------
+def plan_generate(args) -> Plan:
+    """Settle the stream's settings (from the flags, or the --resume file and the flags that agree with it) and
+    check every input and output path, before anything is loaded."""
+    _check_flag_combinations(args)
+    device = checked_device(args.device)
+    _check_inputs(args)
+    given = _given(args)
+    resume = None
+    if args.resume:
+        from memkit.state import StreamState
+
+        resume = StreamState.load(args.resume)
+        settings = _merge_with_saved(args, resume, given)
+    else:
+        settings = {**{k: d for k, (_, d) in {**FIXED, **FORKABLE}.items()}, **given}
+        settings["backbone_seed"] = settings["seed"]
+    for key in MOVABLE:
+        if resume is not None and settings[key] and key not in given and not Path(settings[key]).exists():
+            raise FileNotFoundError(f"--resume {args.resume}: the stream's {key} {settings[key]} is gone; give "
+                                    f"its new place with {FIXED[key][0]} (it must be the same file)")
+    if settings["memory"] not in list_memories():
+        raise ConfigError(f"--memory: unknown memory {settings['memory']!r}; known: {', '.join(list_memories())}")
+    if settings["dtype"] is None:
+        settings["dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    if settings["memory_weights"]:
+        settings["memory_weights_sha256"] = _sha256(settings["memory_weights"])
+        _check_same_weights(resume, settings)
+    for flag, key in (("--height", "height"), ("--width", "width")):
+        if settings[key] is not None and settings[key] % PIXELS_PER_LATENT:
+            raise ConfigError(f"{flag} must be a multiple of {PIXELS_PER_LATENT}, got {settings[key]}")
+    if args.total_seconds is None and args.seconds is None:
+        args.seconds = 10.0
+    if resume is not None and _chunks_to_generate(args, resume.cursor, settings["chunk_frames"],
+                                                  decoder_fresh=False) == 0:
+        have = _stream_seconds(resume.cursor)
+        raise ConfigError(f"--total-seconds {args.total_seconds:g}: the saved stream is already {have:.2f} s long; "
+                          f"nothing to generate (nothing was written)")
+    decode = not args.no_decode
+    outputs = check_outputs({"--out": (args.out or "out/video.mp4") if decode else None,
+                             "--save-latents": args.save_latents, "--save-state": args.save_state},
+                            overwrite=args.overwrite)
+    return Plan(settings, device, outputs, resume, args.fork)
+
+
+def _check_flag_combinations(args) -> None:
+    if args.seconds is not None and args.total_seconds is not None:
+        raise ConfigError("give --seconds (new video) or --total-seconds (the whole stream), not both")
+    if args.fork and not args.resume:
+        raise ConfigError("--fork forks a saved stream: it needs --resume FILE")
+    if args.prefix and args.resume:
+        raise ConfigError("--prefix starts a new stream; --resume continues a saved one: give one of them")
+    if args.prompt and args.prompt_embeds:
+        raise ConfigError("give prompts either as --prompt-embeds or as --prompt texts, not both")
+    if args.prompt and len(args.switch) != len(args.prompt) - 1:
+        raise ConfigError(f"{len(args.prompt)} --prompt texts need {len(args.prompt) - 1} --switch chunks, "
+                          f"got {len(args.switch)}")
+    if args.no_decode and args.out:
+        raise ConfigError("--out has nothing to write with --no-decode; drop one (--save-latents keeps the latents)")
+    if not 0 <= args.crf <= 51:
+        raise ConfigError(f"--crf must lie in [0, 51], got {args.crf}")
+    if not 0 <= (args.context_noise or 0.0) < 1000:
+        raise ConfigError(f"--context-noise must lie in [0, 1000), got {args.context_noise}")
+
+
+def _check_inputs(args) -> None:
+    for flag, path in (("--checkpoint", args.checkpoint), ("--vae", args.vae), ("--prompt-embeds", args.prompt_embeds),
+                       ("--memory-weights", args.memory_weights), ("--prefix", args.prefix),
+                       ("--text-encoder", args.text_encoder), ("--resume", args.resume)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    for flag, path in (("--prompt-embeds", args.prompt_embeds), ("--memory-weights", args.memory_weights),
+                       ("--prefix", args.prefix), ("--resume", args.resume)):
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path} is a folder; give a file")
+
+
+def _given(args) -> dict:
+    """The stream settings given on the command line, as they would be recorded (absolute paths, lists)."""
+    given = {}
+    for key, (flag, _) in {**FIXED, **FORKABLE}.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if key in MOVABLE:
+            value = str(Path(value).resolve())
+        elif key == "steps":
+            value = [float(t) for t in value]
+        elif key in ("shift", "context_noise"):
+            value = float(value)
+        given[key] = value
+    return given
+
+
+def _merge_with_saved(args, state, given: dict) -> dict:
+    saved = state.settings
+    if "chunk_frames" not in saved:
+        raise StateFormatError(f"--resume {args.resume} records no stream settings (saved by an older memkit?); "
+                               f"it cannot be continued from the command line")
+    fixed, forked = [], []
+    for key, value in given.items():
+        if key in MOVABLE and saved.get(key) is not None:
+            continue  # a moved file: checked by content (the model's config, the weights' sha256), not by path
+        if key in saved and not _same(saved[key], value):
+            (forked if key in FORKABLE else fixed).append(f"{key}: file {saved[key]}, flag {value}")
+    if fixed or (forked and not args.fork):
+        hint = ("; --seed, --steps, --shift and --context-noise may differ with --fork" if forked and not fixed else
+                "; drop these flags (the file has the stream's own) or start a new stream")
+        raise ConfigError(f"--resume {args.resume}: flags contradict the saved stream: "
+                          + "; ".join(fixed + forked) + hint)
+    if args.switch and not (args.prompt or args.prompt_embeds) and args.switch != saved.get("switches"):
+        raise ConfigError(f"--switch {args.switch} without new prompts contradicts the saved stream's switches "
+                          f"{saved.get('switches')}; give the prompts it switches between (--prompt or "
+                          f"--prompt-embeds)")
+    defaults = {k: d for k, (_, d) in {**FIXED, **FORKABLE}.items()}
+    known = {k: saved[k] for k in (*FIXED, *FORKABLE, "backbone_seed") if k in saved}
+    settings = {**defaults, **known, **given}
+    settings.setdefault("backbone_seed", settings["seed"])
+    if "latent_size" in saved and settings["height"] is None:  # a stream saved from Python: its latent size
+        settings["height"], settings["width"] = (s * PIXELS_PER_LATENT for s in saved["latent_size"])
+    return settings
+
+
+def _same(a, b) -> bool:
+    return [float(x) for x in a] == [float(x) for x in b] if isinstance(a, list) and isinstance(b, list) else a == b
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_weights(resume, settings: dict) -> None:
+    if resume is None:
+        return
+    recorded = resume.settings.get("memory_weights_sha256")
+    if recorded and recorded != settings["memory_weights_sha256"]:
+        raise ConfigError(f"--memory-weights {settings['memory_weights']} changed since the stream was saved "
+                          f"(sha256 {recorded[:12]}... then, {settings['memory_weights_sha256'][:12]}... now)")
+
+
+def _new_frames(chunks: int, chunk_frames: int, decoder_fresh: bool) -> int:
+    """Video frames that ``chunks`` chunks add: a fresh causal decoder makes one frame of its first latent frame."""
+    frames = FRAMES_PER_LATENT * chunk_frames * chunks
+    return frames - (FRAMES_PER_LATENT - 1) if decoder_fresh and chunks else frames
+
+
+def _stream_seconds(cursor: int) -> float:
+    return (1 + FRAMES_PER_LATENT * (cursor - 1)) / VIDEO_FPS if cursor else 0.0
+
+
+def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: bool) -> int:
+    """The fewest chunks that make --seconds of new video, or bring the stream to --total-seconds."""
+    if args.total_seconds is not None:
+        wanted = args.total_seconds * VIDEO_FPS - (1 + FRAMES_PER_LATENT * (cursor - 1) if cursor else 0)
+    else:
+        wanted = args.seconds * VIDEO_FPS
+    wanted = math.ceil(round(wanted, 6))
+    if wanted <= 0:
+        return 0
+    per_chunk = FRAMES_PER_LATENT * chunk_frames
+    extra = FRAMES_PER_LATENT - 1 if decoder_fresh else 0
+    return math.ceil((wanted + extra) / per_chunk)
+
+
+# -- building: the backbone, the adapter and the generator ----------------------------------------------------------
+def load_backbone(settings: dict, device: torch.device, decode: bool, text_encoder: str | None,
+                  console: Console) -> Backbone:
     """The transformer (and a VAE and text encoder when the checkpoint folder has them)."""
     from adapters.loading import BackboneSpec
     from adapters.loading import load_backbone as build
     from memkit.rollout.vae import tiny_wan_vae
 
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    spec = BackboneSpec(family=args.backbone, checkpoint=args.checkpoint, size=args.size, seed=args.seed,
-                        dtype=args.dtype)
+    dtype = DTYPES[settings["dtype"]]
+    spec = BackboneSpec(family=settings["backbone"], checkpoint=settings["checkpoint"], size=settings["size"],
+                        seed=settings["backbone_seed"], dtype=settings["dtype"])
     loaded = build(spec, device=device)
     model = loaded.model
-    vae_path = Path(args.vae) if args.vae else None
+    vae_path = Path(settings["vae"]) if settings["vae"] else None
     if spec.checkpoint is None:
-        vae = None if args.no_decode else _load_vae(vae_path, dtype, device) if vae_path else \
-            tiny_wan_vae(z_dim=model.config.in_channels).to(device=device, dtype=dtype)
-        what = (f"a randomly initialised {args.backbone} backbone (size {args.size!r}, random weights: the video is "
-                f"noise-like; pass --checkpoint for a real model)")
-        return Backbone(model, vae, None, what, True)
+        vae = None if not decode else _load_vae(vae_path, dtype, device) if vae_path else \
+            tiny_wan_vae(z_dim=model.config.in_channels, dtype=dtype).to(device)
+        what = (f"a randomly initialised {spec.family} backbone (size {spec.size!r}, seed {spec.seed}; random "
+                f"weights: the video is noise-like; pass --checkpoint for a real model)")
+        return Backbone(model, vae, Path(text_encoder) if text_encoder else None, what, True)
+    encoder = None
     if loaded.report is not None:  # an original Wan-format file (or a folder of shards) into a model of --size
         console.print(str(loaded.report))
-        encoder = None
     else:
         ckpt = Path(spec.checkpoint)
         root = ckpt if (ckpt / "transformer").is_dir() else ckpt.parent
         vae_path = vae_path or (root / "vae" if (root / "vae").is_dir() else None)
         encoder = root / "text_encoder" if (root / "text_encoder").is_dir() else None
-    vae = None if args.no_decode or vae_path is None else _load_vae(vae_path, dtype, device)
-    return Backbone(model, vae, Path(args.text_encoder) if args.text_encoder else encoder, loaded.description, False)
+    vae = None if not decode or vae_path is None else _load_vae(vae_path, dtype, device)
+    return Backbone(model, vae, Path(text_encoder) if text_encoder else encoder, loaded.description, False)
 
 
 def _load_vae(path: Path, dtype, device):
@@ -72,74 +343,77 @@ def _load_vae(path: Path, dtype, device):
     return AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device).eval()
 
 
-def load_prompts(args, backbone: Backbone, console: Console) -> dict[str, torch.Tensor]:
+def load_prompts(args, backbone: Backbone, seed: int, console: Console) -> dict[str, torch.Tensor]:
     from memkit.rollout.prompts import encode_prompts, load_prompt_embeds, random_prompt_embeds
 
-    if args.prompt_embeds and args.prompt:
-        raise ConfigError("give prompts either as --prompt-embeds or as --prompt texts, not both")
     if args.prompt_embeds:
         return load_prompt_embeds(args.prompt_embeds)
     if args.prompt:
         if backbone.text_encoder is None:
             raise ConfigError("--prompt needs a text encoder: pass --text-encoder PATH (a local UMT5 folder), "
                               "or precomputed embeddings with --prompt-embeds")
-        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=args.device)
+        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=str(next(backbone.model.parameters())
+                                                                                 .device))
         return {f"{i}: {text[:40]}": e[None] for i, (text, e) in enumerate(zip(args.prompt, embeds))}
     if not backbone.random:
         raise ConfigError("a real checkpoint needs prompts: --prompt-embeds FILE or --prompt TEXT")
     n = len(args.switch) + 1
     console.print(f"no prompts given: using {n} random prompt embedding(s)")
-    return random_prompt_embeds(n, 16, backbone.model.config.text_dim, seed=args.seed)
+    return random_prompt_embeds(n, 16, backbone.model.config.text_dim, seed=seed)
 
 
 def run_generate(args, console: Console) -> int:
     import adapters
     import memkit
     from memkit.rollout import FlowSchedule, PromptSchedule, StreamingGenerator
-    from memkit.rollout.vae import decoded_frames
     from memkit.rollout.video import VideoWriter
 
-    backbone = load_backbone(args, console)
+    plan = plan_generate(args)
+    s = plan.settings
+    backbone = load_backbone(s, plan.device, decode=not args.no_decode, text_encoder=args.text_encoder,
+                             console=console)
     console.print(f"backbone: {backbone.description}")
     model = backbone.model
-    height = args.height or backbone.default_size[0]
-    width = args.width or backbone.default_size[1]
-    if height % PIXELS_PER_LATENT or width % PIXELS_PER_LATENT:
-        raise ConfigError(f"--height and --width must be multiples of {PIXELS_PER_LATENT}, got {height}x{width}")
-    cfg = memkit.MemoryConfig(kind=args.memory, sink_frames=args.sink_frames, window_frames=args.window_frames,
-                              rope_mode=args.rope_mode)
-    handle = adapters.inject(model, cfg, chunk_frames=args.chunk_frames,
-                             latent_size=(height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT))
-    if args.memory_weights:
-        memkit.load_memory(model, args.memory_weights)
-    keep_saved_prompt = args.resume and not (args.prompt or args.prompt_embeds)
-    schedule = None if keep_saved_prompt else PromptSchedule(load_prompts(args, backbone, console), args.switch)
-    latent_frames = math.ceil((args.seconds * VIDEO_FPS - 1) / 4) + 1
-    num_chunks = math.ceil(latent_frames / args.chunk_frames)
-    steps = None
-    if args.steps is not None or args.shift is not None:
-        default = FlowSchedule()
-        shift = default.shift if args.shift is None else args.shift
-        steps = FlowSchedule(tuple(args.steps or default.timesteps), shift)
-    if args.resume:  # the saved stream's own schedule and context noise, unless given
-        gen = StreamingGenerator.from_state(handle, args.resume, schedule, vae=backbone.vae, schedule=steps,
-                                            context_noise=args.context_noise, progress=not args.quiet)
-        console.print(f"resuming after chunk {gen.chunks_done} ({gen.cursor} latent frames)")
-        num_chunks = max(0, num_chunks - gen.chunks_done)
+    s["height"] = s["height"] or backbone.default_size[0]
+    s["width"] = s["width"] or backbone.default_size[1]
+    cfg = memkit.MemoryConfig(kind=s["memory"], sink_frames=s["sink_frames"], window_frames=s["window_frames"],
+                              rope_mode=s["rope_mode"])
+    handle = adapters.inject(model, cfg, chunk_frames=s["chunk_frames"],
+                             latent_size=(s["height"] // PIXELS_PER_LATENT, s["width"] // PIXELS_PER_LATENT))
+    if s["memory_weights"]:
+        memkit.load_memory(model, s["memory_weights"])
+    new_prompts = bool(args.prompt or args.prompt_embeds or not plan.resume)
+    schedule = PromptSchedule(load_prompts(args, backbone, s["seed"], console), args.switch) if new_prompts else None
+    steps = FlowSchedule(tuple(s["steps"]), s["shift"])
+    if plan.resume is not None:
+        _check_backbone(plan.resume, handle, args.resume)
+        gen = StreamingGenerator.from_state(handle, plan.resume.to(plan.device), schedule, switches=(),
+                                            seed=s["seed"], vae=backbone.vae, schedule=steps,
+                                            context_noise=s["context_noise"], progress=not args.quiet)
+        verb = "forking" if plan.fork else "resuming"
+        console.print(f"{verb} after chunk {gen.chunks_done} ({gen.cursor} latent frames, "
+                      f"{_stream_seconds(gen.cursor):.2f} s) of {args.resume}")
+        decoder_fresh = backbone.vae is not None and "decoder" not in plan.resume.info  # decoding restarts
     else:
-        gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=args.context_noise or 0.0,
-                                 seed=args.seed, vae=backbone.vae, progress=not args.quiet)
-    if schedule is not None:
-        schedule.check_range(gen.chunks_done + num_chunks)
+        gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=s["context_noise"], seed=s["seed"],
+                                 vae=backbone.vae, progress=not args.quiet)
+        decoder_fresh = False  # fresh only at cursor 0: after a prefix the decoder goes on from it
+    prefix = load_prefix(args.prefix, backbone.vae, handle, console) if args.prefix else None
+    cursor = gen.cursor + (0 if prefix is None else prefix.shape[2])
+    num_chunks = _chunks_to_generate(args, cursor, s["chunk_frames"], decoder_fresh=cursor == 0 or decoder_fresh)
+    if num_chunks == 0:
+        raise ConfigError(f"--total-seconds {args.total_seconds:g}: the prefix is already "
+                          f"{_stream_seconds(cursor):.2f} s long; nothing to generate (nothing was written)")
+    gen.prompts.check_range(gen.chunks_done + num_chunks)
     console.print(
-        f"memory {args.memory} (sink {args.sink_frames} + window {args.window_frames} frames), {num_chunks} chunks "
-        f"of {args.chunk_frames} latent frames at {height}x{width}, prompts: {schedule or 'as saved'}"
+        f"memory {s['memory']} (sink {s['sink_frames']} + window {s['window_frames']} frames), {num_chunks} chunks "
+        f"of {s['chunk_frames']} latent frames at {s['height']}x{s['width']}, seed {s['seed']}, prompts: "
+        f"{gen.prompts if new_prompts else 'as saved'}"
     )
-    writer = VideoWriter(args.out, fps=VIDEO_FPS) if backbone.vae is not None else None
+    writer = VideoWriter(plan.outputs["--out"], fps=VIDEO_FPS, crf=args.crf) if backbone.vae is not None else None
     kept = []
     try:
-        if args.prefix:
-            prefix = load_prefix(args.prefix, backbone.vae, handle, console)
+        if prefix is not None:
             video = gen.prefill(prefix)
             if writer is not None:
                 writer.write(video)
@@ -148,47 +422,68 @@ def run_generate(args, console: Console) -> int:
                 writer.write(chunk.video)
             if args.save_latents:
                 kept.append(chunk.latents.cpu())
-    finally:
+    except BaseException:
         if writer is not None:
-            writer.close()
-    if writer is not None:
-        console.print(f"wrote {writer.frames_written} frames ({writer.frames_written / VIDEO_FPS:.1f} s at "
-                      f"{VIDEO_FPS} fps) to {args.out}")
-    else:
-        console.print(f"no VAE: decoded nothing ({decoded_frames(latent_frames)} frames would be made); "
-                      f"use --save-latents to keep the latents")
-    if args.save_latents:
-        from safetensors.torch import save_file
+            writer.abort()
+        raise
+    _write_outputs(args, plan, gen, writer, kept, console)
+    return 0
 
-        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": torch.cat(kept, dim=2).contiguous()}, args.save_latents)
-        console.print(f"latents saved to {args.save_latents}")
+
+def _check_backbone(state, handle, path) -> None:
+    """The model must be the one the stream was made on (its class and config; weights are the recipe's)."""
+    saved, mine = state.settings, handle.describe()
+    diffs = [f"{key}: file {saved[key]}, model {mine[key]}" for key in ("backbone", "backbone_class",
+                                                                         "backbone_config_hash")
+             if key in saved and saved[key] != mine[key]]
+    if diffs:
+        raise ConfigError(f"--resume {path} was made on another backbone: " + "; ".join(diffs))
+
+
+def _write_outputs(args, plan: Plan, gen, writer, kept: list, console: Console) -> None:
+    from memkit.rollout.vae import decoded_frames
+    from memkit.state.io import write_safetensors
+
+    if writer is not None:
+        writer.close()
+        console.print(f"wrote {writer.frames_written} frames ({writer.frames_written / VIDEO_FPS:.2f} s at "
+                      f"{VIDEO_FPS} fps) to {writer.path}")
+    else:
+        frames = decoded_frames(sum(k.shape[2] for k in kept)) if kept else 0
+        console.print(f"no VAE: decoded nothing{f' ({frames} frames would be made)' if frames else ''}; "
+                      f"{'the latents are saved' if args.save_latents else 'use --save-latents to keep the latents'}")
+    if args.save_latents:
+        write_safetensors(plan.outputs["--save-latents"], {"latents": torch.cat(kept, dim=2)}, {})
+        console.print(f"latents saved to {plan.outputs['--save-latents']}")
     if args.save_state:
         state = gen.state  # built once: it copies the decoder cache
-        state.save(args.save_state)
-        console.print(f"stream state ({state.nbytes / 2**20:.1f} MiB) saved to {args.save_state}; "
-                      f"continue with --resume {args.save_state}")
-    return 0
+        recipe = {key: plan.settings.get(key) for key in RECIPE}
+        state = state.replace(info={**state.info, "recipe": recipe})
+        state.save(plan.outputs["--save-state"])
+        console.print(f"stream state ({state.nbytes / 2**20:.1f} MiB) saved to {plan.outputs['--save-state']}; "
+                      f"continue with: memkit generate --resume {plan.outputs['--save-state']}")
 
 
 def load_prefix(path: str, vae, handle, console: Console) -> torch.Tensor:
     """Clean latents to commit before generating: a .safetensors of latents, or an image / video to encode."""
     from memkit.rollout.vae import encode_video
     from memkit.rollout.video import read_image, read_video
+    from memkit.state.io import read_safetensors
 
     p = Path(path)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(p)
+        tensors, _ = read_safetensors(p, "--prefix latents")
         if "latents" not in tensors:
-            raise ConfigError(f"{p} has no 'latents' tensor (got {sorted(tensors)})")
+            raise ConfigError(f"--prefix {p} has no 'latents' tensor (it holds {sorted(tensors)})")
         latents = tensors["latents"]
     else:
         if vae is None:
-            raise ConfigError("an image or video prefix must be encoded: it needs a VAE (drop --no-decode)")
+            raise ConfigError("an image or video --prefix must be encoded: it needs a VAE (drop --no-decode)")
         frames = read_image(p) if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else read_video(p)[0]
         latents = encode_video(vae, frames, size=(handle.latent_size[0] * PIXELS_PER_LATENT,
                                                   handle.latent_size[1] * PIXELS_PER_LATENT))
     console.print(f"prefix: {latents.shape[2]} latent frames from {p}")
     return latents
+
+
+__all__ = ["add_generate_parser", "plan_generate", "run_generate", "load_prefix", "VIDEO_FPS"]

@@ -156,3 +156,20 @@ def test_switch_out_of_range_and_bad_schedules():
         FlowSchedule((500, 750))
     with pytest.raises(ConfigError, match="in \\(0, 1000\\]"):
         FlowSchedule((1500,))
+
+
+@pytest.mark.parametrize("family", ["wan", "skyreels_v2"])
+def test_inject_checks_the_rope_table_covers_the_latent_size(family):
+    random_model = {"wan": adapters.random_wan, "skyreels_v2": adapters.random_skyreels_v2}[family]
+    model = random_model("tiny", overrides={"rope_max_seq_len": 32})
+    stock = {name: p.clone() for name, p in model.state_dict().items()}
+    cfg = memkit.MemoryConfig(kind="hybrid_gdn", rope_mode="relative")
+    with pytest.raises(ConfigError, match=r"latent_size \(60, 104\) makes a 30x52 token grid, but this \w+'s RoPE "
+                                          r"table covers 32 positions per axis; pass a latent_size of at most 64x64"):
+        adapters.inject(model, cfg, chunk_frames=3, latent_size=(60, 104))
+    with pytest.raises(AdapterError, match="no memkit adapter"):  # nothing was injected
+        adapters.remove(model)
+    assert all(torch.equal(p, stock[name]) for name, p in model.state_dict().items())
+    h = adapters.inject(model, cfg, chunk_frames=3, latent_size=(64, 64))  # the largest that fits
+    assert h.grid == (32, 32)
+    adapters.remove(model)

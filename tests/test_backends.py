@@ -28,12 +28,12 @@ def test_auto_on_cuda_without_the_kernel_logs_once(caplog):
         for _ in range(3):
             assert backends.resolve("gated_delta_rule", "auto", ("fla",), CUDA, torch.float32) == "torch"
     assert len(caplog.records) == 1
-    assert "falls back to 'torch'" in caplog.text and "memkit[gpu]" in caplog.text
+    assert "falls back to 'torch'" in caplog.text and "videossm-memkit[gpu]" in caplog.text
 
 
 def test_explicit_backend_that_cannot_run_names_the_reason():
     if not backends.is_available("fla"):
-        with pytest.raises(BackendUnavailableError, match="install it with: pip install 'memkit\\[gpu\\]'"):
+        with pytest.raises(BackendUnavailableError, match="install it with: pip install 'videossm-memkit\\[gpu\\]'"):
             backends.resolve("gated_delta_rule", "fla", ("fla",), CUDA, torch.float32)
     if not backends.is_available("mamba_ssm"):
         with pytest.raises(BackendUnavailableError, match="MAMBA_SKIP_CUDA_BUILD"):

@@ -19,7 +19,7 @@ def test_doctor_reports_every_backend(capsys):
     statuses = {c.status for c in run_checks()}
     if not torch.cuda.is_available():
         assert statuses <= {"missing", "needs CUDA"}
-    assert "memkit[gpu]" in out or "fla" not in {c.backend for c in run_checks() if c.status == "missing"}
+    assert "videossm-memkit[gpu]" in out or "fla" not in {c.backend for c in run_checks() if c.status == "missing"}
 
 
 def test_bench_memory_table_and_plot(tmp_path, capsys):
@@ -53,4 +53,4 @@ def test_demo_runs_and_writes_its_plot(tmp_path):
 
 def test_cli_turns_memkit_errors_into_a_message(capsys):
     assert main(["bench", "memory", "--chunks", "2", "--memories", "nope", "--quiet"]) == 2
-    assert "unknown memory 'nope'" in capsys.readouterr().out
+    assert "unknown memory 'nope'" in capsys.readouterr().err

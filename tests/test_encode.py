@@ -1,6 +1,5 @@
 """``memkit encode``: videos to latent shards with a (tiny, random) Wan VAE, read back with LatentShards."""
 
-import argparse
 import io
 
 import pytest
@@ -9,6 +8,7 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from memkit.cli_args import ArgumentParser
 from memkit.data.encode import add_encode_parser, encode_folder, run_encode, shard_name
 from memkit.data.latent_shards import LatentShards
 from memkit.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ def videos(tmp_path):
 
 
 def command(*argv):
-    parser = argparse.ArgumentParser(prog="memkit")
+    parser = ArgumentParser(prog="memkit")
     add_encode_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["encode", *map(str, argv)])
 
@@ -192,7 +192,7 @@ def test_bad_commands_fail_before_any_work(videos, vae_dir, tmp_path):
         ((videos, "--vae", vae_dir, "--out", a_file), ConfigError, "is an existing file"),
         ((videos, "--vae", vae_dir, "--out", out, "--height", 30, "--width", 32), ConfigError, "multiple of 8"),
         ((videos, "--vae", vae_dir, "--out", out, "--height", 32), ConfigError, "give both or neither"),
-        ((videos, "--vae", vae_dir, "--out", out, "--max-frames", 0), ConfigError, "--max-frames"),
+        ((videos, "--vae", vae_dir, "--out", out, "--max-frames", 0), ConfigError, "--max-frames: must be a positive"),
         ((videos, "--vae", vae_dir, "--out", out, "--text-encoder", tmp_path / "te"), FileNotFoundError, "te"),
         ((videos, "--vae", not_a_vae, "--out", out), ConfigError, "holds a AutoencoderKL, not an AutoencoderKLWan"),
         ((videos, "--vae", tmp_path, "--out", out), ConfigError, "no readable config.json"),

@@ -8,6 +8,7 @@ from helpers import perturb_params
 import adapters
 from memkit.errors import ConfigError
 from memkit.rollout import FlowSchedule, StreamingGenerator
+from memkit.rollout.generator import chunk_noise_seed
 from memkit.rollout.sampler import commit_chunk, denoise_chunk
 
 PROMPT = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
@@ -32,9 +33,9 @@ def warped_sigma(t, shift):
 
 
 def hand_rollout(h, timesteps, shift, seed, num_chunks, context_noise=0.0):
-    """Chunks made step by step from one seeded generator: per chunk a start noise, one fresh noise per
-    re-noising, then one for the context when it is noised. Returns (chunks, committed contexts, final state)."""
-    rng = torch.Generator().manual_seed(seed)
+    """Chunks made step by step, each from a generator seeded by (seed, its first frame): a start noise, one
+    fresh noise per re-noising, then one for the context when it is noised. Returns (chunks, committed contexts,
+    final state)."""
 
     def draw():
         return torch.randn(SHAPE, generator=rng, dtype=torch.float32)
@@ -43,7 +44,8 @@ def hand_rollout(h, timesteps, shift, seed, num_chunks, context_noise=0.0):
     state = h.init_state(1)
     chunks, contexts = [], []
     with torch.no_grad():
-        for _ in range(num_chunks):
+        for c in range(num_chunks):
+            rng = torch.Generator().manual_seed(chunk_noise_seed(seed, c * SHAPE[2]))
             x = draw()
             for i, sigma in enumerate(sigmas):
                 v = h.read(state, x.to(torch.float64), 1000.0 * sigma, PROMPT)
@@ -126,8 +128,13 @@ def test_context_noise_commits_the_chunk_noised_with_the_next_draw(handle, monke
     assert s == pytest.approx(15 / 22) and rec.commits[0]["t"] == pytest.approx(1000.0 * s)
     x0 = chunk.latents.float()
     assert torch.allclose(rec.commits[0]["latents"], ((1.0 - s) * x0 + s * draws[4]).double(), rtol=0, atol=1e-6)
-    # four draws for the denoising steps, one for the context: the generator's noise has moved on by five
-    assert torch.equal(gen.rng.get_state(), rng.get_state())
+
+
+def test_chunk_noise_seeds_depend_on_the_seed_and_the_first_frame_only():
+    assert chunk_noise_seed(7, 0) == 7  # a stream's first chunk draws from its seed itself
+    seeds = {chunk_noise_seed(seed, frame) for seed in range(20) for frame in range(0, 60, 3)}
+    assert len(seeds) == 20 * 20 and all(0 <= s < 2**63 for s in seeds)
+    assert chunk_noise_seed(3, 9) == chunk_noise_seed(3, 9) != chunk_noise_seed(3, 12)
 
 
 def chunk_noise(seed):

@@ -132,7 +132,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
 def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--trainer.max_steps", "1", *flags]) == 2
-    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
 
 
@@ -141,7 +141,7 @@ def test_a_bad_config_from_the_shell_prints_one_line_and_no_traceback(tmp_path):
     bad.write_text((CONFIGS / "tiny_cpu.yaml").read_text().replace("kind: hybrid_gdn", "kind: hybrid_nope"))
     done = memkit("train", "--config", str(bad), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
-    assert [line for line in done.stdout.splitlines() if line.strip()][-1].startswith("error: model.memory.kind")
+    assert done.stderr.splitlines()[-1].startswith("error: model.memory.kind")
 
 
 def test_export_never_overwrites_an_existing_file(tmp_path):
@@ -149,7 +149,7 @@ def test_export_never_overwrites_an_existing_file(tmp_path):
     export.write_bytes(b"keep me")
     done = memkit("train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--trainer.max_steps", "1", "--export",
                   str(export), cwd=tmp_path)
-    assert done.returncode == 2 and "pass --overwrite" in done.stdout
+    assert done.returncode == 2 and "pass --overwrite" in done.stderr
     assert export.read_bytes() == b"keep me"
 
 

@@ -12,6 +12,7 @@ import statistics
 import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from memkit.memory import MemoryConfig, build_memory, list_memories
+from memkit.outputs import atomic_output
 
 
 @dataclass
@@ -105,7 +107,8 @@ def plot_results(results: dict, path: str, title: str, time_label: str = "commit
     ax_t.legend()
     fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 

@@ -163,6 +163,8 @@ def _spatial_factor(vae) -> int:
 
 def add_encode_parser(subparsers):
     """Add the ``encode`` subcommand to an argparse subparsers object; returns its parser."""
+    from memkit.cli_args import default_device, positive_int
+
     parser = subparsers.add_parser(
         "encode", help="encode a folder of videos into latent shards with a Wan VAE (memkit.data.LatentShards)",
         description="Encode every video under VIDEOS with a Wan VAE into OUT/<path with / as __>.safetensors "
@@ -172,12 +174,13 @@ def add_encode_parser(subparsers):
     parser.add_argument("videos", metavar="VIDEOS", help="a folder of videos (searched recursively)")
     parser.add_argument("--vae", required=True, help="a diffusers AutoencoderKLWan folder")
     parser.add_argument("--out", required=True, help="the folder for the shards")
-    parser.add_argument("--height", type=int, help="resize frames to this height (with --width; default: as is)")
-    parser.add_argument("--width", type=int, help="resize frames to this width (with --height)")
-    parser.add_argument("--max-frames", type=int, help="encode at most this many frames of each video")
+    parser.add_argument("--height", type=positive_int, help="resize frames to this height (with --width; default: "
+                                                             "as is)")
+    parser.add_argument("--width", type=positive_int, help="resize frames to this width (with --height)")
+    parser.add_argument("--max-frames", type=positive_int, help="encode at most this many frames of each video")
     parser.add_argument("--text-encoder", help="a local UMT5 encoder folder, to embed captions (<video>.txt)")
     parser.add_argument("--overwrite", action="store_true", help="re-encode videos whose shard exists")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", default=default_device(),
                         help="where the VAE runs (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="VAE (and text encoder) dtype; shards are float32 whatever this is")
@@ -190,9 +193,11 @@ def run_encode(args, console) -> int:
     """Run ``memkit encode``: 0 when every video was encoded or already there, 1 when some failed."""
     from rich.markup import escape
 
+    from memkit.cli_args import checked_device
+
     videos, out = Path(args.videos), Path(args.out)
     size = _checked_arguments(args)
-    device = _checked_device(args.device)
+    device = checked_device(args.device)
     vae = _load_vae(Path(args.vae), device, DTYPES[args.dtype])
     if size is not None:
         factor = _spatial_factor(vae)
@@ -236,16 +241,6 @@ def _checked_arguments(args) -> tuple[int, int] | None:
         if value < 8 or value % 8:
             raise ConfigError(f"{flag} must be a positive multiple of 8, got {value}")
     return args.height, args.width
-
-
-def _checked_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available here")
-    return device
 
 
 def _load_vae(folder: Path, device: torch.device, dtype: torch.dtype):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memkit._dist import install_hint
 from memkit.errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger("memkit.ops")
@@ -39,13 +40,13 @@ def _probe_xformers() -> None:
 
 
 BACKENDS: dict[str, BackendInfo] = {
-    "fla": BackendInfo("fla.ops.gated_delta_rule", "pip install 'memkit[gpu]'  (flash-linear-attention)"),
+    "fla": BackendInfo("fla.ops.gated_delta_rule", f"{install_hint('gpu')}  (flash-linear-attention)"),
     "mamba_ssm": BackendInfo(
         "mamba_ssm.ops.triton.ssd_combined",
-        "pip install 'memkit[mamba]'  (mamba-ssm; without its CUDA build: "
+        f"{install_hint('mamba')}  (mamba-ssm; without its CUDA build: "
         "MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm)",
     ),
-    "xformers": BackendInfo("xformers.ops", "pip install 'memkit[xformers]'", probe="_probe_xformers"),
+    "xformers": BackendInfo("xformers.ops", install_hint("xformers"), probe="_probe_xformers"),
 }
 
 

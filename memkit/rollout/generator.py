@@ -6,10 +6,15 @@ A prompt switch first re-encodes what the local memory holds under the new promp
 recache) and keeps the global memory. A prefix of clean latents (an encoded image, a video to
 extend) is committed before the first chunk. Everything needed to continue lives in :attr:`state`,
 which saves, resumes bit-identically and forks.
+
+The noise of a chunk is a function of the stream's seed and the chunk's first frame only
+(:func:`chunk_noise_seed`), so a stream carries no generator state: a resumed stream, a fork with the
+same seed and a saved video extended with the same seed all draw the same noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -46,7 +51,8 @@ class StreamingGenerator:
     handle: the adapter handle. prompts: a :class:`PromptSchedule`, or prompt embeddings (one tensor,
     a list, or a name -> tensor mapping, switched by ``switches``). schedule: the denoising steps.
     context_noise: the context pass's timestep (0..1000 scale, warped by the schedule's shift like the
-    denoising steps); the clean chunk is noised to that level before it is committed. vae: a diffusers
+    denoising steps); the clean chunk is noised to that level before it is committed. seed: the noise
+    seed (a non-negative int; see :func:`chunk_noise_seed`). vae: a diffusers
     ``AutoencoderKLWan`` to decode chunks as they are made (its causal cache is carried across chunks
     and saved in the state). batch: videos generated side by side. state: a stream to continue (see
     :meth:`from_state`). model_kwargs: extra arguments for every forward of the model
@@ -66,7 +72,9 @@ class StreamingGenerator:
         self.model_kwargs = dict(model_kwargs or {})
         param = next(handle.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.rng = torch.Generator(device=self.device).manual_seed(seed)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        self.seed = seed
         self.decoder = None
         if vae is not None:
             from .vae import StreamingVAEDecoder
@@ -100,17 +108,22 @@ class StreamingGenerator:
 
     @property
     def state(self) -> StreamState:
-        """Everything to continue from here: memories, cursor, held latents, prompt, RNG and decoder cache."""
-        info = {"chunk": self._chunk, "schedule": self.schedule.to_dict(), "context_noise": self.context_noise,
-                "chunk_frames": self.handle.chunk_frames}
-        prompt = {}
+        """Everything to continue from here: memories, cursor, held latents, prompts, noise seed, decoder cache,
+        and what the stream was made with (``state.settings``)."""
+        info = {
+            "chunk": self._chunk,
+            "adapter": self.handle.describe(),
+            "sampling": {"steps": list(self.schedule.timesteps), "shift": self.schedule.shift,
+                         "context_noise": self.context_noise, "seed": self.seed},
+            "prompts": {"names": list(self.prompts.names), "switches": list(self.prompts.switches)},
+        }
+        prompt = {f"schedule.{i}": embeds for i, embeds in enumerate(self.prompts.embeds)}
         if self._active is not None:
-            info["prompt"] = self._active[0]
-            prompt = {"embeds": self._active[1]}
+            prompt["embeds"] = self._active[1]
         decoder = {}
         if self.decoder is not None:
             decoder, info["decoder"] = self.decoder.state_dict()
-        return self._stream.replace(prompt_cache=prompt, rng=self.rng.get_state(), decoder=decoder, info=info)
+        return self._stream.replace(prompt_cache=prompt, decoder=decoder, info=info)
 
     def save(self, path: str | os.PathLike) -> None:
         self.state.save(path)
@@ -120,32 +133,27 @@ class StreamingGenerator:
                    seed: int | None = None, vae=None, schedule: FlowSchedule | None = None,
                    context_noise: float | None = None, progress: bool = True,
                    model_kwargs: dict | None = None) -> "StreamingGenerator":
-        """Continue a saved stream. Without ``seed`` the noise continues where it stopped (bit-identical);
-        with one, the continuation is a new fork. Without ``prompts`` the stream keeps its last prompt.
-        The denoising schedule and context noise default to the saved stream's."""
+        """Continue a saved stream. Without ``seed`` the noise is the stream's own (bit-identical to going on
+        uninterrupted); with another seed the continuation is a fork. Without ``prompts`` the stream keeps its
+        prompt schedule. The denoising schedule and context noise default to the saved stream's."""
         if not isinstance(state, StreamState):
             state = StreamState.load(state, map_location=next(handle.model.parameters()).device)
+        handle.check_state(state)  # with the recorded settings: names what differs
         info = dict(state.info)
+        sampling = dict(info.get("sampling", {}))
         if prompts is None:
-            if "embeds" not in state.prompt_cache:
-                raise StateFormatError("this stream state holds no prompt; pass prompts=")
-            prompts = {"resumed": state.prompt_cache["embeds"]}
-        if schedule is None and "schedule" in info:
-            schedule = FlowSchedule(tuple(info["schedule"]["timesteps"]), info["schedule"]["shift"])
+            prompts, switches = _saved_prompts(state)
+        if schedule is None and "steps" in sampling:
+            schedule = FlowSchedule(tuple(sampling["steps"]), sampling["shift"])
         if context_noise is None:
-            context_noise = info.get("context_noise", 0.0)
-        if info.get("chunk_frames", handle.chunk_frames) != handle.chunk_frames:
-            raise StateFormatError(
-                f"this stream was made with chunk_frames={info['chunk_frames']}, the adapter has {handle.chunk_frames}"
-            )
-        stream = state.replace(prompt_cache={}, rng=None, decoder={}, info={})
-        gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise,
-                  seed=0 if seed is None else seed, vae=vae, progress=progress, state=stream,
-                  model_kwargs=model_kwargs)
+            context_noise = sampling.get("context_noise", 0.0)
         if seed is None:
-            if state.rng is None:
-                raise StateFormatError("this stream state holds no RNG state; pass seed= to continue with new noise")
-            gen.rng.set_state(state.rng)
+            if "seed" not in sampling:
+                raise StateFormatError("this stream state records no noise seed; pass seed= to continue with new noise")
+            seed = int(sampling["seed"])
+        stream = state.replace(prompt_cache={}, decoder={}, info={})
+        gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise, seed=seed,
+                  vae=vae, progress=progress, state=stream, model_kwargs=model_kwargs)
         if gen.decoder is not None:
             if "decoder" in info:
                 gen.decoder.load_state_dict(dict(state.decoder), info["decoder"])
@@ -158,8 +166,8 @@ class StreamingGenerator:
         return gen
 
     def fork(self, seed: int | None = None, vae=_SAME) -> "StreamingGenerator":
-        """An independent generator continuing from here (``seed=None``: the same noise as this one would draw),
-        decoding with this one's VAE unless given another (or None)."""
+        """An independent generator continuing from here (``seed=None``: this one's seed, so the same noise as
+        this one would draw), decoding with this one's VAE unless given another (or None)."""
         if vae is _SAME:
             vae = None if self.decoder is None else self.decoder.vae
         # States are values (no pass writes into one), so the fork may share this one's tensors; `state` already
@@ -205,23 +213,20 @@ class StreamingGenerator:
         h, c, kw = self.handle, self._chunk, self.model_kwargs
         prompt = self._prompt_for(c)
         shape = (self.batch, h.dims.in_channels, h.chunk_frames, *h.latent_size)
-        rng_before = self.rng.get_state()
-        try:  # a chunk happens whole or not at all: on failure the noise, memory and decoder stay where they were
-            noise = lambda: self._noise(shape)  # noqa: E731
-            x0 = denoise_chunk(h, self._stream, prompt, self.schedule, noise, dtype=self.dtype, model_kwargs=kw)
-            latents = x0.to(self.dtype)
-            stream = commit_chunk(h, self._stream, x0, prompt, self.schedule, noise, dtype=self.dtype,
-                                  context_noise=self.context_noise, model_kwargs=kw)
-            video = self.decoder.decode(latents) if self.decoder is not None else None
-        except BaseException:
-            self.rng.set_state(rng_before)
-            raise
         start = self._stream.cursor
+        # A chunk happens whole or not at all: nothing below changes the generator until it has succeeded.
+        rng = torch.Generator(device=self.device).manual_seed(chunk_noise_seed(self.seed, start))
+        noise = lambda: self._noise(shape, rng)  # noqa: E731
+        x0 = denoise_chunk(h, self._stream, prompt, self.schedule, noise, dtype=self.dtype, model_kwargs=kw)
+        latents = x0.to(self.dtype)
+        stream = commit_chunk(h, self._stream, x0, prompt, self.schedule, noise, dtype=self.dtype,
+                              context_noise=self.context_noise, model_kwargs=kw)
+        video = self.decoder.decode(latents) if self.decoder is not None else None
         self._stream, self._chunk = stream, c + 1
         return Chunk(c, start, latents, video, self.prompts.names[self.prompts.index_at(c)])
 
-    def _noise(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng, device=self.device, dtype=torch.float32)
+    def _noise(self, shape, rng: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=rng, device=self.device, dtype=torch.float32)
 
     def _prompt_for(self, chunk: int) -> torch.Tensor:
         """The batched prompt of chunk ``chunk``; on a change of prompt, re-encode the held frames first."""
@@ -237,3 +242,23 @@ class StreamingGenerator:
                 self._stream = self.handle.recache(self._stream, prompt, **self.model_kwargs)
             self._active = (index, embeds)
         return prompt
+
+
+def chunk_noise_seed(seed: int, start_frame: int) -> int:
+    """The seed of the noise generator of the chunk that starts at stream frame ``start_frame``: ``seed`` itself
+    for the first chunk of a stream, a hash of both for the others."""
+    if start_frame == 0:
+        return seed
+    digest = hashlib.sha256(f"memkit-noise:{seed}:{start_frame}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _saved_prompts(state: StreamState) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The prompt schedule a stream was saved with, or only the prompt its memory holds (older states)."""
+    cache, recorded = state.prompt_cache, dict(state.info.get("prompts", {}))
+    names = recorded.get("names")
+    if names and all(f"schedule.{i}" in cache for i in range(len(names))):
+        return {name: cache[f"schedule.{i}"] for i, name in enumerate(names)}, list(recorded.get("switches", []))
+    if "embeds" in cache:
+        return {"resumed": cache["embeds"]}, []
+    raise StateFormatError("this stream state holds no prompt; pass prompts=")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from memkit._dist import install_hint
 from memkit.errors import ConfigError, DTypeError, NonFiniteError, ShapeError, StateFormatError
 
 PROMPTS_KIND = "prompt_embeds"
@@ -87,7 +88,7 @@ def encode_prompts(
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise ConfigError("encoding prompts needs the transformers package: pip install 'memkit[text]'") from None
+        raise ConfigError(f"encoding prompts needs the transformers package: {install_hint('text')}") from None
 
     encoder_dir, tokenizer_dir = _locate_text_encoder(Path(text_encoder))
     tokenizer = _load_tokenizer(tokenizer_dir)

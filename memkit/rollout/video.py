@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def _as_uint8_frames(video: torch.Tensor) -> torch.Tensor:
 class VideoWriter:
     """Writes frames to an H.264 mp4 (yuv420p) as they come; use as a context manager.
 
-    Odd frame sizes are padded to even by repeating the last row / column (yuv420p needs even sizes). The file is
-    created at the first :meth:`write` (with its parent folders); a writer closed before any frame writes no file.
+    Odd frame sizes are padded to even by repeating the last row / column (yuv420p needs even sizes). Frames go to a
+    hidden temporary file beside ``path`` (created at the first :meth:`write`, with its parent folders) that
+    :meth:`close` renames to ``path``: a file at ``path`` is replaced only by a finished video. A writer closed before
+    any frame writes no file; :meth:`abort` (or leaving the ``with`` block by an exception) deletes the partial one.
+    ``crf`` is libx264's quality (0: lossless, 18: the default, 51: worst).
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = 16, *, crf: int = 18):
@@ -63,6 +67,7 @@ class VideoWriter:
         self._frame_size: tuple[int, int] | None = None
         self._frames_written = 0
         self._closed = False
+        self._tmp: Path | None = None
 
     @property
     def frames_written(self) -> int:
@@ -76,8 +81,11 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def write(self, video: torch.Tensor) -> None:
         """Append frames: a float video in [-1, 1] ((1, 3, f, H, W) or (3, f, H, W)) or uint8 (f, H, W, 3)."""
@@ -113,15 +121,40 @@ class VideoWriter:
         try:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
-        finally:
             self._container.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+
+    def abort(self) -> None:
+        """Stop without writing ``path``: the partial video is deleted. Safe after :meth:`close`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._container is not None:
+            self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # an encoder that failed may fail again on close; the file goes anyway
+            pass
+        self._tmp.unlink(missing_ok=True)
 
     def _open(self, size: tuple[int, int]) -> None:
         import av
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         height, width = size
-        container = av.open(str(self.path), mode="w", format="mp4")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        try:
+            container = av.open(tmp, mode="w", format="mp4")
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         try:
             stream = container.add_stream(_h264_encoder(), rate=self._rate)
             stream.width, stream.height = width + width % 2, height + height % 2
@@ -129,8 +162,9 @@ class VideoWriter:
             stream.codec_context.time_base = 1 / self._rate
             if stream.codec_context.name == "libx264":
                 stream.options = {"crf": str(self.crf)}
-        except Exception:
+        except BaseException:
             container.close()
+            self._tmp.unlink(missing_ok=True)
             raise
         self._container, self._stream, self._frame_size = container, stream, size
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from memkit.errors import StateFormatError
+from memkit.errors import ConfigError, StateFormatError, StateMismatchError
 
 from . import io
 from .memory_state import MemoryState, _parse_to
@@ -27,18 +27,22 @@ class StreamState:
 
     layers: one memory state per injected block.
     cursor: latent frames committed so far (every layer's ``frames``).
-    prompt_cache: the prompt embeddings the stream is conditioned on now.
-    rng: the noise generator's state (``torch.Generator.get_state()``, a CPU byte tensor).
+    prompt_cache: the prompt embeddings: the one the memory holds now (``"embeds"``) and the
+        stream's whole prompt schedule (``"schedule.<i>"``).
     context: clean latents of the frames the local memories hold, with their stream indices and
         chunk ids, so a prompt switch can re-encode them.
     decoder: a streaming VAE decoder's causal cache, so decoded frames also resume seamlessly.
-    info: JSON-able facts (chunk index, active prompt, decoder cache layout, ...).
+    info: JSON-able facts. A :class:`~memkit.rollout.StreamingGenerator` records what the stream
+        was made with (``"adapter"``: backbone, memory config, chunk and latent sizes; ``"sampling"``:
+        denoising steps, shift, context noise and the noise seed; ``"prompts"``: names and switch
+        chunks), the chunk index and the decoder cache layout; ``"recipe"`` is free-form, for the
+        caller (``memkit generate`` records how to rebuild its backbone there). :attr:`settings`
+        reads them as one flat dict.
     """
 
     layers: tuple[MemoryState, ...]
     cursor: int = 0
     prompt_cache: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    rng: torch.Tensor | None = None
     context: Mapping[str, torch.Tensor] = field(default_factory=dict)
     decoder: Mapping[str, torch.Tensor] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
@@ -61,8 +65,7 @@ class StreamState:
 
     def _map(self, fn_layer, fn_tensor) -> "StreamState":
         groups = {name: {k: fn_tensor(t) for k, t in getattr(self, name).items()} for name in _GROUPS}
-        rng = None if self.rng is None else self.rng.clone()
-        return replace(self, layers=tuple(fn_layer(s) for s in self.layers), rng=rng, **groups)
+        return replace(self, layers=tuple(fn_layer(s) for s in self.layers), **groups)
 
     def detach(self) -> "StreamState":
         return self._map(MemoryState.detach, torch.Tensor.detach)
@@ -71,7 +74,7 @@ class StreamState:
         return self._map(MemoryState.clone, torch.Tensor.clone)
 
     def to(self, *args, **kwargs) -> "StreamState":
-        """Move every tensor but the RNG state (a CPU byte tensor). A dtype is the activations' dtype: it casts
+        """Move every tensor. A dtype is the activations' dtype: it casts
         the memories (as :meth:`MemoryState.to` does) and the held clean latents; the prompt, the timesteps and
         the decoder cache keep theirs, so a resumed stream still recognises its prompt."""
         device, dtype, non_blocking = _parse_to(args, kwargs)
@@ -90,12 +93,10 @@ class StreamState:
         out = {f"layers.{i}.{k}": t for i, layer in enumerate(self.layers) for k, t in layer_tensors(layer).items()}
         for name in _GROUPS:
             out.update({_PREFIX[name] + k: t for k, t in getattr(self, name).items()})
-        if self.rng is not None:
-            out["rng"] = self.rng
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """A flat dict of tensors: every layer's (frame counts included), the cursor, prompt, context, decoder, rng."""
+        """A flat dict of tensors: every layer's (frame counts included), the cursor, prompt, context, decoder."""
         return {"cursor": torch.tensor(self.cursor, dtype=torch.int64), **self._flat(MemoryState.state_dict)}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -103,8 +104,46 @@ class StreamState:
                 "info": dict(self.info)}
         io.write(path, self._flat(lambda layer: dict(layer.tensors)), meta)
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the stream was made with, as recorded in :attr:`info`, in one flat dict: ``backbone``,
+        ``backbone_class``, ``backbone_config_hash``, ``memory`` (the kind) and every other
+        :class:`~memkit.MemoryConfig` field, ``chunk_frames``, ``latent_size``, ``steps``, ``shift``,
+        ``context_noise``, ``seed``, ``prompts`` (names), ``switches``, the ``recipe`` entries, ``cursor`` and
+        ``chunk``. Only what was recorded is there."""
+        info = self.info
+        out: dict[str, Any] = {}
+        adapter = dict(info.get("adapter", {}))
+        memory = dict(adapter.pop("memory", {}))
+        if "kind" in memory:
+            memory["memory"] = memory.pop("kind")
+        out.update(adapter)
+        out.update(memory)
+        out.update(info.get("sampling", {}))
+        if "prompts" in info:
+            out["prompts"] = info["prompts"].get("names")
+            out["switches"] = info["prompts"].get("switches")
+        out.update(info.get("recipe", {}))
+        out["cursor"] = self.cursor
+        if "chunk" in info:
+            out["chunk"] = info["chunk"]
+        return {k: _plain(v) for k, v in out.items()}
+
+    def differences(self, expect: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(field, recorded, expected)`` for each field of ``expect`` that :attr:`settings` records otherwise
+        (or does not record: ``recorded`` is then :data:`NOT_RECORDED`)."""
+        settings = self.settings
+        unknown = sorted(set(expect) - set(settings) - KNOWN_SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown stream setting(s) {unknown}; known: {sorted(KNOWN_SETTINGS | set(settings))}")
+        return [(name, settings.get(name, NOT_RECORDED), _plain(value)) for name, value in expect.items()
+                if name not in settings or not _same(settings[name], _plain(value))]
+
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "StreamState":
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+             expect: Mapping[str, Any] | None = None) -> "StreamState":
+        """Read a saved stream. ``expect`` (a field -> value mapping over :attr:`settings`) makes any field the
+        file records otherwise a :class:`StateMismatchError` naming each one with both values."""
         tensors, meta = io.read(path, "stream state")
         if meta.get("type") != "StreamState":
             raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not a StreamState")
@@ -119,4 +158,41 @@ class StreamState:
         except (KeyError, TypeError, ValueError):
             raise StateFormatError(f"{path}: stream state metadata has no cursor") from None
         groups = {name: group(_PREFIX[name]) for name in _GROUPS}
-        return cls(tuple(layers), cursor, rng=tensors.get("rng"), info=meta.get("info", {}), **groups)
+        state = cls(tuple(layers), cursor, info=meta.get("info", {}), **groups)
+        if expect:
+            diffs = state.differences(expect)
+            if diffs:
+                raise StateMismatchError(f"{path} was made with other settings: " + "; ".join(
+                    f"{name}: file {got}, expected {want}" for name, got, want in diffs))
+        return state
+
+
+#: Fields :attr:`StreamState.settings` may hold (``recipe`` entries are the caller's and may add more).
+KNOWN_SETTINGS = frozenset({
+    "backbone", "backbone_class", "backbone_config_hash", "memory", "sink_frames", "window_frames", "horizon_frames",
+    "evict_aggregate", "rope_mode", "attention_backend", "scan_backend", "check_finite", "chunk_frames",
+    "latent_size", "steps", "shift", "context_noise", "seed", "prompts", "switches", "cursor", "chunk",
+})
+
+
+def _plain(value):
+    """JSON's view of a value: tuples become lists, as they come back from a saved file."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+class _NotRecorded:
+    def __repr__(self) -> str:
+        return "(not recorded)"
+
+
+NOT_RECORDED = _NotRecorded()

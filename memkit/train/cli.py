@@ -42,6 +42,7 @@ def run_train(argv: list[str]) -> int:
     from jsonargparse import ArgumentError
 
     from memkit.data.datamodule import ClipDataModule
+    from memkit.outputs import check_output
 
     from .callbacks import ExportMemoryWeights
     from .module import MemoryFinetune
@@ -59,10 +60,7 @@ def run_train(argv: list[str]) -> int:
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"no checkpoint at {resume} (--resume)")
     export = Path(config.get("export") or Path(cli.trainer.log_dir or ".") / "memory.safetensors")
-    if export.is_dir():
-        raise ConfigError(f"--export {export} is a directory; give a file path")
-    if export.exists() and not config.get("overwrite"):
-        raise ConfigError(f"--export {export} exists; pass --overwrite to replace it")
+    check_output(export, "--export", overwrite=bool(config.get("overwrite")))
     for flag, default in (("gradient_clip_val", None), ("accumulate_grad_batches", 1)):
         value = getattr(cli.trainer, flag)
         if value != default:
