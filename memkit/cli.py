@@ -196,7 +196,7 @@ def build_parser() -> ArgumentParser:
 
     from memkit.generate import add_generate_parser
 
-    add_generate_parser(sub, ArgumentParser)
+    add_generate_parser(sub)
     return p
 
 

@@ -75,7 +75,7 @@ class Plan:
     fork: bool
 
 
-def add_generate_parser(sub, parser_class) -> None:
+def add_generate_parser(sub) -> None:
     from memkit.cli_args import default_device, finite_float, nonnegative_int, positive_float, positive_int
 
     gen = sub.add_parser("generate", help="stream a long video from a retrofitted backbone into an mp4")
@@ -130,11 +130,7 @@ def add_generate_parser(sub, parser_class) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--device", default=default_device(), help="default: cuda when available, else cpu")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.set_defaults(fn=_run)
-
-
-def _run(args, console: Console) -> int:
-    return run_generate(args, console)
+    gen.set_defaults(fn=run_generate)
 
 
 # -- planning: everything that needs no model ----------------------------------------------------------------
