@@ -25,6 +25,7 @@ from memkit.errors import ConfigError, StateFormatError
 from memkit.memory import list_memories
 from memkit.ops._checks import DTYPES
 from memkit.outputs import check_outputs
+from memkit.rollout.vae import decoded_frames
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
 PIXELS_PER_LATENT = 8
@@ -232,12 +233,12 @@ def _merge_with_saved(args, state, given: dict) -> dict:
     if "chunk_frames" not in saved:
         raise StateFormatError(f"--resume {args.resume} records no stream settings (saved by an older memkit?); "
                                f"it cannot be continued from the command line")
+    # A moved file is checked by content (the model's config, the weights' sha256), not by path.
+    comparable = {key: value for key, value in given.items()
+                  if key in saved and not (key in MOVABLE and saved[key] is not None)}
     fixed, forked = [], []
-    for key, value in given.items():
-        if key in MOVABLE and saved.get(key) is not None:
-            continue  # a moved file: checked by content (the model's config, the weights' sha256), not by path
-        if key in saved and not _same(saved[key], value):
-            (forked if key in FORKABLE else fixed).append(f"{key}: file {saved[key]}, flag {value}")
+    for key, recorded, value in state.differences(comparable):
+        (forked if key in FORKABLE else fixed).append(f"{key}: file {recorded}, flag {value}")
     if fixed or (forked and not args.fork):
         hint = ("; --seed, --steps, --shift and --context-noise may differ with --fork" if forked and not fixed else
                 "; drop these flags (the file has the stream's own) or start a new stream")
@@ -254,10 +255,6 @@ def _merge_with_saved(args, state, given: dict) -> dict:
     if "latent_size" in saved and settings["height"] is None:  # a stream saved from Python: its latent size
         settings["height"], settings["width"] = (s * PIXELS_PER_LATENT for s in saved["latent_size"])
     return settings
-
-
-def _same(a, b) -> bool:
-    return [float(x) for x in a] == [float(x) for x in b] if isinstance(a, list) and isinstance(b, list) else a == b
 
 
 def _sha256(path: str) -> str:
@@ -277,20 +274,14 @@ def _check_same_weights(resume, settings: dict) -> None:
                           f"(sha256 {recorded[:12]}... then, {settings['memory_weights_sha256'][:12]}... now)")
 
 
-def _new_frames(chunks: int, chunk_frames: int, decoder_fresh: bool) -> int:
-    """Video frames that ``chunks`` chunks add: a fresh causal decoder makes one frame of its first latent frame."""
-    frames = FRAMES_PER_LATENT * chunk_frames * chunks
-    return frames - (FRAMES_PER_LATENT - 1) if decoder_fresh and chunks else frames
-
-
 def _stream_seconds(cursor: int) -> float:
-    return (1 + FRAMES_PER_LATENT * (cursor - 1)) / VIDEO_FPS if cursor else 0.0
+    return decoded_frames(cursor) / VIDEO_FPS
 
 
 def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: bool) -> int:
     """The fewest chunks that make --seconds of new video, or bring the stream to --total-seconds."""
     if args.total_seconds is not None:
-        wanted = args.total_seconds * VIDEO_FPS - (1 + FRAMES_PER_LATENT * (cursor - 1) if cursor else 0)
+        wanted = args.total_seconds * VIDEO_FPS - decoded_frames(cursor)
     else:
         wanted = args.seconds * VIDEO_FPS
     wanted = math.ceil(round(wanted, 6))
@@ -437,7 +428,6 @@ def _check_backbone(state, handle, path) -> None:
 
 
 def _write_outputs(args, plan: Plan, gen, writer, kept: list, console: Console) -> None:
-    from memkit.rollout.vae import decoded_frames
     from memkit.state.io import write_safetensors
 
     if writer is not None:
@@ -445,7 +435,7 @@ def _write_outputs(args, plan: Plan, gen, writer, kept: list, console: Console) 
         console.print(f"wrote {writer.frames_written} frames ({writer.frames_written / VIDEO_FPS:.2f} s at "
                       f"{VIDEO_FPS} fps) to {writer.path}")
     else:
-        frames = decoded_frames(sum(k.shape[2] for k in kept)) if kept else 0
+        frames = decoded_frames(sum(k.shape[2] for k in kept))
         console.print(f"no VAE: decoded nothing{f' ({frames} frames would be made)' if frames else ''}; "
                       f"{'the latents are saved' if args.save_latents else 'use --save-latents to keep the latents'}")
     if args.save_latents:

@@ -52,15 +52,21 @@ def check_output_folder(path: str | os.PathLike, flag: str, names: list[str], *,
     return folder
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``, on failure it is deleted
-    and ``path`` is left as it was."""
+def temporary_beside(path: str | os.PathLike) -> Path:
+    """A new, empty, hidden file in ``path``'s folder (made if missing), to be renamed onto ``path`` when complete:
+    a rename within one folder is atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
-    tmp = Path(tmp)
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``, on failure it is deleted
+    and ``path`` is left as it was."""
+    tmp = temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -68,4 +74,4 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["check_output", "check_outputs", "check_output_folder", "atomic_output"]
+__all__ = ["check_output", "check_outputs", "check_output_folder", "temporary_beside", "atomic_output"]

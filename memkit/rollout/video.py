@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 from memkit.errors import ConfigError, DTypeError, MemkitError, NonFiniteError, ShapeError, StateFormatError
+from memkit.outputs import temporary_beside
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
@@ -145,13 +145,10 @@ class VideoWriter:
     def _open(self, size: tuple[int, int]) -> None:
         import av
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         height, width = size
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temporary_beside(self.path)
         try:
-            container = av.open(tmp, mode="w", format="mp4")
+            container = av.open(str(self._tmp), mode="w", format="mp4")
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from memkit.errors import StateFormatError
+from memkit.outputs import atomic_output
 
 SCHEMA_VERSION = 1
 SCHEMA_KEY = "memkit_schema"
@@ -25,18 +25,10 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
     """Any safetensors file, written atomically: a hidden temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses views that share storage; each saved tensor gets its own.
     flat = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(flat, str(tmp), metadata=header)
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
