@@ -185,8 +185,8 @@ class AdapterHandle:
             raise DTypeError(f"inject: memory_dtype must be a floating torch.dtype, got {memory_dtype!r}")
         memories = [
             build_memory(cfg, num_heads=d.num_heads, head_dim=d.head_dim, dim=d.dim,
-                         frame_tokens=self.grid[0] * self.grid[1]).to(device=param.device,
-                                                                      dtype=memory_dtype or param.dtype)
+                         frame_tokens=self.grid[0] * self.grid[1], frame_shape=self.grid,
+                         ).to(device=param.device, dtype=memory_dtype or param.dtype)
             for _ in modules
         ]
         cross_procs = [None if cross is None else backbone.cross_attention_processor(self, cross.processor)

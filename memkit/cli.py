@@ -1,5 +1,5 @@
 """The ``memkit`` command: ``demo``, ``doctor``, ``generate``, ``train``, ``encode``, ``bench memory``,
-``bench stream``, ``bench train``."""
+``bench stream``, ``bench train``, ``bench quality``."""
 
 from __future__ import annotations
 
@@ -187,6 +187,10 @@ def build_parser() -> ArgumentParser:
     tr.add_argument("--device", default="cpu", help="default: cpu (cuda for the GPU)")
     tr.add_argument("--dtype", choices=list(DTYPES), default="float32")
     tr.set_defaults(fn=_bench_train)
+
+    from memkit.bench.quality import add_quality_parser
+
+    add_quality_parser(bsub)
 
     sub.add_parser("train", help="fine-tune a memory with Lightning (memkit train --help)", add_help=False)
 

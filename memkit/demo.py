@@ -4,8 +4,10 @@
    the parallel (teacher-forcing) form.
 2. Streams many chunks through every variant and plots cost per chunk and
    state size: ``full`` grows, the others stay flat.
-3. Retrofits a small random Wan2.1 DiT with ``hybrid_gdn`` and streams a video
-   with a prompt switch into ``out/demo.mp4`` (``memkit generate``).
+3. Plays a procedural world it never saw with two small trained models shipped in the package (a pixel-space
+   Wan DiT with ``hybrid_gdn``, and the same DiT trained with ``sink_window``): a minute of video from one
+   chunk of ground truth and the camera's actions, side by side with the ground truth in ``out/world.mp4``,
+   and their PSNR against time in ``out/world_drift.png``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def check_streaming_equals_parallel(console: Console) -> bool:
     return ok
 
 
-DEMO_FILES = ["memory_demo.png", "demo.mp4"]
+DEMO_FILES = ["memory_demo.png", "world.mp4", "world_drift.png"]
+#: The models the demo plays, shipped in memkit/assets (made by ``memkit bench quality --export``).
+WORLD_MODELS = {"hybrid_gdn": "world_hybrid_gdn.safetensors", "sink_window": "world_sink_window.safetensors"}
 
 
 def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite: bool = False) -> int:
@@ -63,11 +67,106 @@ def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite
     path = str(folder / DEMO_FILES[0])
     plot_results(results, path, title)
     console.print(f"plot written to {path}\n")
-    from memkit.cli import build_parser
-    from memkit.generate import run_generate
+    ok &= run_world_demo(console, folder / DEMO_FILES[1], folder / DEMO_FILES[2])
+    return 0 if ok else 1
 
-    video = str(folder / DEMO_FILES[1])
-    args = build_parser().parse_args(["generate", "--seconds", "10", "--switch", "7", "--out", video,
-                                      "--device", "cpu", "--dtype", "float32", *(["--overwrite"] if overwrite else [])])
-    generated = run_generate(args, console)
-    return 0 if ok and generated == 0 else 1
+
+def asset(name: str):
+    from importlib.resources import files
+
+    return files("memkit") / "assets" / name
+
+
+def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.0, fps: int = 8,
+                   world_seed: int = 20_000) -> bool:
+    """Play a held-out world with the shipped models; write the side-by-side video and the drift plot."""
+    from dataclasses import fields
+
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from memkit.bench.quality import QualitySetup
+    from memkit.rollout.video import VideoWriter
+    from memkit.rollout.world import WorldModel
+
+    frames = int(seconds * fps)
+    models = {name: WorldModel.load(str(asset(file)), max_frames=frames) for name, file in WORLD_MODELS.items()}
+    trained = next(iter(models.values())).meta["training"]
+    known = {f.name for f in fields(QualitySetup)}
+    setup = QualitySetup(**{k: v for k, v in trained["setup"].items() if k in known})
+    frames = frames // setup.chunk_frames * setup.chunk_frames
+    world = setup.world(1, frames, world_seed)
+    size = (setup.frame_size, setup.frame_size)
+    truth = world.read(0, 0, frames, size)["video"]
+    actions = world.actions(0)
+    console.print(f"world demo: {frames} frames ({frames / fps:.0f} s at {fps} fps) of a world never trained on, "
+                  f"from its first {setup.chunk_frames} frames and the camera's actions "
+                  f"({trained['steps']} training steps per model)")
+    videos, psnr = {}, {}
+    for name, model in models.items():
+        out = model.rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0)
+        videos[name] = out.video
+        psnr[name] = peak_signal_noise_ratio(out.video.transpose(0, 1), truth.transpose(0, 1), data_range=2.0,
+                                             reduction="none", dim=(1, 2, 3))
+        console.print(f"  {name}: PSNR {psnr[name][setup.chunk_frames:].mean():.2f} dB over the generated frames, "
+                      f"{1e3 * sum(out.chunk_seconds) / len(out.chunk_seconds):.0f} ms per chunk")
+    panels = {"ground truth": truth, **{f"{n} (memkit)": v for n, v in videos.items()}}
+    with VideoWriter(video_path, fps=fps) as writer:
+        writer.write(side_by_side(panels, actions))
+    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames)
+    plot_drift(psnr, labels["revisit"], setup.chunk_frames, fps, plot_path)
+    console.print(f"video written to {video_path} (left to right: {', '.join(panels)})")
+    console.print(f"drift plot written to {plot_path}")
+    return True
+
+
+def side_by_side(panels: dict[str, torch.Tensor], actions: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """uint8 frames (F, H, W, 3): the videos ``(3, F, h, w)`` enlarged ``scale`` times, side by side under their
+    names, with the camera's action of each frame below."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from memkit.data.world import ACTIONS
+    from memkit.rollout.video import to_uint8_frames
+
+    big = [to_uint8_frames(v).repeat_interleave(scale, 1).repeat_interleave(scale, 2) for v in panels.values()]
+    F, h, w, _ = big[0].shape
+    gap, head = 4, 18
+    canvas = torch.full((F, h + 2 * head, len(big) * (w + gap) - gap, 3), 24, dtype=torch.uint8)
+    for i, video in enumerate(big):
+        canvas[:, head: head + h, i * (w + gap): i * (w + gap) + w] = video
+    titles = Image.new("RGB", (canvas.shape[2], head), (24, 24, 24))
+    draw = ImageDraw.Draw(titles)
+    for i, name in enumerate(panels):
+        draw.text((i * (w + gap) + 4, 3), name, fill=(230, 230, 230))
+    canvas[:, :head] = torch.from_numpy(np.asarray(titles).copy())
+    footers = {}
+    for a in actions.unique().tolist():
+        img = Image.new("RGB", (canvas.shape[2], head), (24, 24, 24))
+        ImageDraw.Draw(img).text((4, 3), f"action: {ACTIONS[a]}", fill=(255, 210, 90))
+        footers[a] = torch.from_numpy(np.asarray(img).copy())
+    for t in range(F):
+        canvas[t, head + h:] = footers[int(actions[t])]
+    return canvas
+
+
+def plot_drift(psnr: dict[str, torch.Tensor], revisit: torch.Tensor, chunk: int, fps: int, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memkit.outputs import atomic_output
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    seconds = torch.arange(len(revisit)) / fps
+    for t in torch.nonzero(revisit).flatten().tolist():
+        ax.axvspan(t / fps, (t + 1) / fps, color="tab:blue", alpha=0.08, lw=0)
+    for name, values in psnr.items():
+        ax.plot(seconds[chunk:].tolist(), values[chunk:].tolist(), label=name, lw=1.4)
+    ax.set(xlabel="seconds", ylabel="PSNR against ground truth (dB)",
+           title="world demo: PSNR against time (shaded: revisits of places that left the local memory)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -13,10 +13,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def make_memory(kind, heads=2, head_dim=8, dim=12, frame_tokens=4, dtype=torch.float64, seed=0, perturb=True, **cfg):
+def make_memory(kind, heads=2, head_dim=8, dim=12, frame_tokens=4, dtype=torch.float64, seed=0, perturb=True,
+                frame_shape=None, **cfg):
     torch.manual_seed(seed)
     mem = memkit.build_memory(
-        memkit.MemoryConfig(kind=kind, **cfg), num_heads=heads, head_dim=head_dim, dim=dim, frame_tokens=frame_tokens
+        memkit.MemoryConfig(kind=kind, **cfg), num_heads=heads, head_dim=head_dim, dim=dim, frame_tokens=frame_tokens,
+        frame_shape=frame_shape,
     ).to(dtype)
     if perturb:
         perturb_params(mem, seed)

@@ -75,7 +75,7 @@ def test_i2v_cross_attention_with_image_context_equals_stock():
     assert rel_err(ours, stock) < 1e-8
 
 
-@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd"])
+@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd", "hybrid_blockwise"])
 def test_hybrid_injection_changes_no_output_before_training(kind):
     model = tiny_model("wan")
     latents, prompt = clip(frames=12)

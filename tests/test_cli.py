@@ -42,13 +42,19 @@ def test_bench_state_sizes_show_full_growing():
     assert windows(3)[1] == (2, 3)
 
 
-def test_demo_runs_and_writes_its_plot(tmp_path):
+def test_demo_runs_and_writes_its_plots_and_the_world_video(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memkit", "demo", "--chunks", "16", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DIFFERENT" not in proc.stdout and "equal" in proc.stdout
     assert (tmp_path / "memory_demo.png").stat().st_size > 10_000
-    assert (tmp_path / "demo.mp4").stat().st_size > 0 and "wrote 165 frames" in " ".join(proc.stdout.split())
+    assert (tmp_path / "world_drift.png").stat().st_size > 10_000
+    out = " ".join(proc.stdout.split())
+    assert f"video written to {tmp_path / 'world.mp4'}" in out and "drift plot written to" in out
+    from memkit.rollout.video import read_video
+
+    video, fps = read_video(tmp_path / "world.mp4")
+    assert video.shape[0] / fps == 60 and video.shape[2] > 2.5 * video.shape[1]  # a minute, 3 panels side by side
 
 
 def test_cli_turns_memkit_errors_into_a_message(capsys):

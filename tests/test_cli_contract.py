@@ -37,7 +37,7 @@ def files(tmp_path, saved, monkeypatch):
     (tmp_path / "a_file").write_bytes(b"a file where a folder would have to be")
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "demo_out").mkdir()
-    (tmp_path / "demo_out" / "demo.mp4").write_bytes(b"an earlier demo")
+    (tmp_path / "demo_out" / "world.mp4").write_bytes(b"an earlier demo")
     state = (saved / "s.safetensors").read_bytes()
     (tmp_path / "s.safetensors").write_bytes(state)
     (tmp_path / "truncated.safetensors").write_bytes(state[: len(state) // 2])
@@ -104,7 +104,11 @@ BAD = [
     ([*GENERATE, "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["demo", "--out", "a_file"], 2, "--out a_file is a file"),
-    (["demo", "--out", "demo_out"], 2, "demo.mp4 exists; pass --overwrite"),
+    (["demo", "--out", "demo_out"], 2, "world.mp4 exists; pass --overwrite"),
+    (["bench", "quality", "--out", "a_file"], 2, "--out a_file is a file"),
+    (["bench", "quality", "--quick", "--eval-frames", "10"], 2, "whole chunks of 3 frames"),
+    (["bench", "quality", "--variants", "nope"], 2, "invalid choice: 'nope'"),
+    (["bench", "quality", "--steps", "0"], 2, "--steps: must be a positive integer, got 0"),
     (["demo", "--chunks", "-1"], 2, "--chunks: must be a positive integer, got -1"),
     (["bench", "memory", "--chunks", "0"], 2, "--chunks: must be a positive integer, got 0"),
     (["bench", "memory", "--chunks", "2", "--plot", "existing.png"], 2, "--plot existing.png exists"),

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import chunk_starts, make_clip, make_memory, rel_err, stream
+from helpers import chunk_starts, make_clip, make_memory, perturb_params, rel_err, stream
 from hypothesis import given
 from hypothesis import strategies as st
 
+import memkit
 from memkit.ops import naive_attention
 
 
@@ -35,30 +36,56 @@ def ssd_step(mem, M, k, v, gate, h):
     return (gate["dt"] * A).exp() * M + gate["dt"] * torch.outer(k, v)
 
 
-UPDATES = {"hybrid_gdn": (gdn_gates, gdn_step), "hybrid_ssd": (ssd_gates, ssd_step)}
+UPDATES = {"hybrid_gdn": (gdn_gates, gdn_step), "hybrid_ssd": (ssd_gates, ssd_step),
+           "hybrid_blockwise": (gdn_gates, gdn_step)}
 
 
 def l2(t):
     return t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6)  # L2 norm with the memory's epsilon
 
 
-def frame_writes(mem, k, v, gates, frame):
-    """What one evicted frame writes into the global state: a list of (key, value, gates), keys and values
-    ``(B, H, D)``, gates ``(B, H)``.
+def block_of(mem, n):
+    """The block of token ``n`` (raster order in the frame) in the ``blocks x blocks`` grid over its token grid."""
+    rows, cols = mem.frame_shape
+    b = mem.cfg.blocks
+    return (n // cols) * b // rows * b + (n % cols) * b // cols
 
-    "token": each of its tokens in order, key L2-normed. "frame_mean": a single token, the mean over the frame's
-    tokens of the raw keys, the values and each gate, its key L2-normed after averaging.
-    """
-    T = mem.frame_tokens
-    tokens = range(frame * T, (frame + 1) * T)
-    if mem.cfg.evict_aggregate == "token":
-        return [(l2(k[:, n]), v[:, n], {name: g[:, n] for name, g in gates.items()}) for n in tokens]
+
+def mean_write(k, v, gates, tokens, share):
+    """One write: the mean over ``tokens`` of the raw keys, the values and each gate (then divided by ``share``,
+    the frame's writes into the same state), its key L2-normed after averaging."""
+    n = len(tokens)
     k_sum, v_sum = torch.zeros_like(k[:, 0]), torch.zeros_like(v[:, 0])
     g_sum = {name: torch.zeros_like(g[:, 0]) for name, g in gates.items()}
+    for t in tokens:
+        k_sum, v_sum = k_sum + k[:, t], v_sum + v[:, t]
+        g_sum = {name: g_sum[name] + gates[name][:, t] for name in gates}
+    return l2(k_sum / n), v_sum / n, {name: g / n / share for name, g in g_sum.items()}
+
+
+def frame_writes(mem, k, v, gates, frame):
+    """What one evicted frame writes into the global state(s): a list of (state, key, value, gates), keys and
+    values ``(B, H, D)``, gates ``(B, H)``; ``state`` is the block for hybrid_blockwise, else 0.
+
+    Gates are per frame, shared by the frame's writes into one state. "token": each token in order, key L2-normed,
+    each gate divided by the tokens per frame (per block for hybrid_blockwise). "frame_mean": one mean write
+    (per block for hybrid_blockwise). "block_mean": one mean write per block, gates divided by the blocks.
+    """
+    T, agg = mem.frame_tokens, mem.cfg.evict_aggregate
+    tokens = list(range(frame * T, (frame + 1) * T))
+    blocks = {}
     for n in tokens:
-        k_sum, v_sum = k_sum + k[:, n], v_sum + v[:, n]
-        g_sum = {name: g_sum[name] + gates[name][:, n] for name in gates}
-    return [(l2(k_sum / T), v_sum / T, {name: g / T for name, g in g_sum.items()})]
+        blocks.setdefault(block_of(mem, n - frame * T), []).append(n)
+    if mem.kind == "hybrid_blockwise":
+        if agg == "frame_mean":
+            return [(b, *mean_write(k, v, gates, ts, 1)) for b, ts in sorted(blocks.items())]
+        return [(b, l2(k[:, n]), v[:, n], {name: g[:, n] / len(ts) for name, g in gates.items()})
+                for b, ts in sorted(blocks.items()) for n in ts]
+    if agg == "token":
+        return [(0, l2(k[:, n]), v[:, n], {name: g[:, n] / T for name, g in gates.items()}) for n in tokens]
+    if agg == "frame_mean":
+        return [(0, *mean_write(k, v, gates, tokens, 1))]
+    return [(0, *mean_write(k, v, gates, ts, len(blocks))) for _, ts in sorted(blocks.items())]
 
 
 def reference_hybrid(mem, q, k, v, x, chunk_sizes):
@@ -68,7 +95,9 @@ def reference_hybrid(mem, q, k, v, x, chunk_sizes):
     gates = gates_of(mem, x)
     qn = l2(q)
     out = torch.zeros_like(q)
-    M = torch.zeros(B, H, D, D, dtype=q.dtype)
+    states = mem.cfg.blocks**2 if mem.kind == "hybrid_blockwise" else 1
+    M = torch.zeros(states, B, H, D, D, dtype=q.dtype)
+    reads_from = [block_of(mem, n) if states > 1 else 0 for n in range(T)]  # the state each token reads
     written = 0  # frames folded into M so far, in stream order from the first non-sink frame
     for c0, c1 in chunk_starts(chunk_sizes):
         # local: sink frames, the last W frames before the chunk, the chunk
@@ -76,14 +105,16 @@ def reference_hybrid(mem, q, k, v, x, chunk_sizes):
         idx = torch.tensor([f * T + i for f in keys for i in range(T)])
         sl = slice(c0 * T, c1 * T)
         local = naive_attention(q[:, sl], k[:, idx], v[:, idx])
-        # global: frames S .. c0 - W - 1 have been written, one frame at a time (token by token, or its mean)
+        # global: frames S .. c0 - W - 1 have been written, one frame at a time
         while written < max(0, c0 - W - S):
-            for key, value, gate in frame_writes(mem, k, v, gates, S + written):
+            for s, key, value, gate in frame_writes(mem, k, v, gates, S + written):
                 for b in range(B):
                     for h in range(H):
-                        M[b, h] = step(mem, M[b, h], key[b, h], value[b, h], {n: g[b, h] for n, g in gate.items()}, h)
+                        M[s, b, h] = step(mem, M[s, b, h], key[b, h], value[b, h],
+                                          {n: g[b, h] for n, g in gate.items()}, h)
             written += 1
-        r = torch.einsum("bnhk,bhkv->bnhv", qn[:, sl], M)
+        r = torch.stack([torch.einsum("bhk,bhkv->bhv", qn[:, n], M[reads_from[n % T]])
+                         for n in range(c0 * T, c1 * T)], dim=1)
         r = r / torch.sqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6) * mem.norm_weight
         gate = F.silu(mem.out_gate(x[:, sl])).view(B, -1, H, D)
         gamma = torch.sigmoid(mem.router_w * math.log(min((c0 + 1) / mem.cfg.horizon_frames, 1.0)) + mem.router_b)
@@ -106,11 +137,17 @@ def cover(sizes, frames):
     return out
 
 
-AGGREGATES = ["token", "frame_mean"]
+AGGREGATES = ["token", "frame_mean", "block_mean"]
 
 
-@pytest.mark.parametrize("aggregate", AGGREGATES)
-@pytest.mark.parametrize("kind", list(UPDATES))
+def aggregates(kind):
+    return [a for a in AGGREGATES if not (kind == "hybrid_blockwise" and a == "block_mean")]
+
+
+CASES = [(kind, a) for kind in UPDATES for a in aggregates(kind)]
+
+
+@pytest.mark.parametrize("kind,aggregate", CASES)
 @pytest.mark.parametrize("sink,window,chunk", [(0, 1, 1), (1, 2, 2), (2, 3, 3), (3, 1, 2)])
 def test_hybrid_matches_the_equations(kind, sink, window, chunk, aggregate):
     mem = make_memory(kind, sink_frames=sink, window_frames=window, horizon_frames=6, evict_aggregate=aggregate)
@@ -124,23 +161,48 @@ def test_hybrid_matches_the_equations(kind, sink, window, chunk, aggregate):
 
 
 @pytest.mark.parametrize("kind", list(UPDATES))
-def test_frame_mean_writes_differ_from_token_writes(kind):
-    """The two aggregations are different equations: the reference must tell them apart on this clip."""
+def test_write_granularities_are_different_equations(kind):
+    """The aggregations are different equations: the reference must tell them apart on this clip."""
     outs = {}
-    for aggregate in AGGREGATES:
-        mem = make_memory(kind, sink_frames=1, window_frames=2, horizon_frames=6, evict_aggregate=aggregate)
+    for aggregate in aggregates(kind):
+        mem = make_memory(kind, frame_tokens=16, sink_frames=1, window_frames=2, horizon_frames=6,
+                          evict_aggregate=aggregate)
         q, k, v, x = make_clip(mem, batch=2, frames=9)
         with torch.no_grad():
             outs[aggregate] = reference_hybrid(mem, q, k, v, x, cover([3], 9))
-    assert torch.equal(outs["token"][:, : 6 * 4], outs["frame_mean"][:, : 6 * 4])  # nothing evicted before frame 6
-    assert rel_err(outs["frame_mean"], outs["token"]) > 1e-2
+    first = outs.pop("token")
+    for other in outs.values():
+        assert torch.equal(first[:, : 6 * 16], other[:, : 6 * 16])  # nothing evicted before frame 6
+        assert rel_err(other, first) > 1e-2
+    if len(outs) == 2:
+        assert rel_err(outs["block_mean"], outs["frame_mean"]) > 1e-2
 
 
-@given(st.sampled_from(list(UPDATES)), st.integers(0, 3), st.integers(1, 4), partitions(10), st.integers(0, 999),
-       st.sampled_from(AGGREGATES))
-def test_hybrid_matches_the_equations_for_any_chunking(kind, sink, window, sizes, seed, aggregate):
+@pytest.mark.parametrize("kind,aggregate", [c for c in CASES if c[0] == "hybrid_blockwise" or c[1] == "block_mean"])
+@pytest.mark.parametrize("frame_shape,blocks", [((2, 6), 2), ((3, 5), 3), ((4, 4), 1), ((4, 4), 2), ((4, 6), 3)])
+def test_spatial_writes_follow_the_equations_on_any_token_grid(kind, aggregate, frame_shape, blocks):
+    """Non-square grids, blocks of unequal sizes (5 columns in 3 blocks: 2, 2, 1 wide) and blocks spanning several
+    rows (their tokens are not contiguous in raster order)."""
+    torch.manual_seed(0)
+    mem = memkit.build_memory(
+        memkit.MemoryConfig(kind=kind, sink_frames=1, window_frames=2, horizon_frames=6, evict_aggregate=aggregate,
+                            blocks=blocks),
+        num_heads=2, head_dim=8, dim=12, frame_tokens=frame_shape[0] * frame_shape[1], frame_shape=frame_shape,
+    ).double()
+    perturb_params(mem)
+    q, k, v, x = make_clip(mem, batch=2, frames=10)
+    with torch.no_grad():
+        y, _, _ = stream(mem, q, k, v, x, 3)
+        ref = reference_hybrid(mem, q, k, v, x, cover([3], 10))
+        parallel = mem.parallel(q, k, v, x, 3)
+    assert rel_err(y, ref) < 1e-10 and rel_err(parallel, ref) < 1e-10
+
+
+@given(st.sampled_from(CASES), st.integers(0, 3), st.integers(1, 4), partitions(10), st.integers(0, 999))
+def test_hybrid_matches_the_equations_for_any_chunking(case, sink, window, sizes, seed):
     """Chunks of any lengths in one stream (an image prefix, then chunks): the bookkeeping of sink, window,
     eviction and gate cache must follow the frames, not a fixed chunk size."""
+    kind, aggregate = case
     mem = make_memory(kind, heads=1, sink_frames=sink, window_frames=window, horizon_frames=6, seed=seed,
                       evict_aggregate=aggregate)
     q, k, v, x = make_clip(mem, batch=1, frames=10, seed=seed)

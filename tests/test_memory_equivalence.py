@@ -17,7 +17,7 @@ case = st.fixed_dictionaries({
     "height": st.integers(1, 2), "width": st.integers(1, 3),
     "frames": st.integers(1, 12), "chunk_frames": st.integers(1, 4),
     "sink_frames": st.integers(0, 3), "window_frames": st.integers(1, 4),
-    "evict_aggregate": st.sampled_from(["token", "frame_mean"]),
+    "evict_aggregate": st.sampled_from(["token", "frame_mean", "block_mean"]),
     "rope": st.sampled_from([None, "absolute", "relative"]),
     "dtype": st.sampled_from([torch.float64, torch.float32]),
     "gate_scale": st.floats(0.1, 3.0), "seed": st.integers(0, 2**16),
@@ -25,10 +25,14 @@ case = st.fixed_dictionaries({
 
 
 def build(c):
+    aggregate = c["evict_aggregate"]
+    if c["kind"] == "hybrid_blockwise" and aggregate == "block_mean":
+        aggregate = "frame_mean"  # its states are per block already
     mem = make_memory(
         c["kind"], heads=c["heads"], head_dim=c["head_dim"], dim=5, frame_tokens=c["height"] * c["width"],
+        frame_shape=(c["height"], c["width"]), blocks=min(c["height"], c["width"]),
         dtype=c["dtype"], seed=c["seed"], sink_frames=c["sink_frames"], window_frames=c["window_frames"],
-        evict_aggregate=c["evict_aggregate"], rope_mode=c["rope"] or "absolute", horizon_frames=8,
+        evict_aggregate=aggregate, rope_mode=c["rope"] or "absolute", horizon_frames=8,
     )
     rope = None if c["rope"] is None else rope_for(mem, c["height"])
     q, k, v, x = make_clip(mem, c["batch"], c["frames"], c["dtype"], c["seed"])
@@ -100,7 +104,7 @@ def test_local_memories_follow_their_mask_for_any_chunking(kind, S, W, sizes, se
     assert rel_err(y, naive_attention(q, k, v, local_mask(kind, S, W, sizes, mem.frame_tokens))) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd"])
+@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd", "hybrid_blockwise"])
 @pytest.mark.parametrize("agg", ["token", "frame_mean"])
 def test_hybrid_at_init_equals_sink_window_and_differs_once_trained(kind, agg):
     cfg = dict(sink_frames=1, window_frames=2, evict_aggregate=agg)
@@ -154,7 +158,8 @@ def test_router_position_is_clamped_for_unbounded_streams():
 @pytest.mark.parametrize("kind", KINDS)
 def test_parallel_is_differentiable(kind):
     mem = make_memory(kind, sink_frames=1, window_frames=2)
-    q, k, v, x = (t.requires_grad_() for t in make_clip(mem, frames=6))
+    # 8 frames: the last chunk reads 3 evicted frames (with one frame per write, decay needs two of them)
+    q, k, v, x = (t.requires_grad_() for t in make_clip(mem, frames=8))
     mem.parallel(q, k, v, x, chunk_frames=2).square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
     if kind.startswith("hybrid"):

@@ -4,13 +4,14 @@ import pytest
 import torch
 from helpers import make_clip, make_memory, rel_err, rope_for, stream
 
+import memkit
 from memkit.errors import ConfigError, ShapeError, StateMismatchError
 from memkit.ops import Rope3D, TabulatedRope3D, naive_attention
 from memkit.state import StreamState
 
 SIZES = [1, 3, 2, 3]  # chunk lengths: frame f belongs to chunk CHUNK_OF[f]
 CHUNK_OF = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 3])
-KINDS = ["full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd"]
+KINDS = memkit.list_memories()
 
 
 def held_tokens(mem, frames):

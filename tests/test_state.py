@@ -90,7 +90,14 @@ def test_fingerprint_covers_only_what_shapes_the_state(tmp_path):
     assert make_memory("window", window_frames=1).fingerprint != make_memory("window", window_frames=2).fingerprint
     h = [make_memory("hybrid_gdn", horizon_frames=n).fingerprint for n in (10, 20)]
     assert h[0] == h[1]  # the router horizon is read-time only
-    assert make_memory("hybrid_gdn", evict_aggregate="frame_mean").fingerprint != h[0]
+    assert make_memory("hybrid_gdn", evict_aggregate="token").fingerprint != h[0]
+    assert make_memory("hybrid_gdn", blocks=1).fingerprint == h[0]  # blocks only shape spatial writes
+    assert make_memory("hybrid_gdn", halflife_frames=(2.0, 9.0)).fingerprint == h[0]  # an init, not a shape
+    spatial = [make_memory(kind, frame_tokens=16, frame_shape=shape, **cfg).fingerprint
+               for kind, cfg in (("hybrid_gdn", {"evict_aggregate": "block_mean"}), ("hybrid_blockwise", {}))
+               for shape in ((4, 4), (2, 8))]
+    assert len(set(spatial)) == 4  # the token grid shapes what a block holds
+    assert make_memory("hybrid_blockwise", blocks=1).fingerprint != make_memory("hybrid_blockwise").fingerprint
     assert make_memory("full", rope_mode="relative").fingerprint != a.fingerprint
     assert make_memory("full").fingerprint != make_memory("full", head_dim=12).fingerprint
 

@@ -136,7 +136,7 @@ def test_self_rollout_refuses_a_teacher_of_another_latent_space():
         SelfRolloutDMD(teacher=teacher_spec(), guidance_scale=3.0)
 
 
-@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd"])
+@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd", "hybrid_blockwise"])
 def test_rolling_training_gives_the_write_path_gradient_only_through_the_carried_state(kind):
     memory = memkit.MemoryConfig(kind=kind, sink_frames=1, window_frames=3)
     batch = fixed_batch(frames=15)
@@ -151,7 +151,8 @@ def test_rolling_training_gives_the_write_path_gradient_only_through_the_carried
         return {n: p.grad for n, p in parameter_groups(module.model)["memory_write"]}
 
     through = write_grads(5)
-    expected = {"hybrid_gdn": ("a_proj.weight", "b_proj.weight", "A_log"), "hybrid_ssd": ("dt_proj.weight", "A_log")}
+    gdn = ("a_proj.weight", "b_proj.weight", "A_log")
+    expected = {"hybrid_gdn": gdn, "hybrid_blockwise": gdn, "hybrid_ssd": ("dt_proj.weight", "A_log")}
     assert {n.split("memory.")[1] for n in through} >= set(expected[kind])
     assert all(g is not None and g.abs().sum() > 0 for g in through.values())
     detached = write_grads(1)  # detached after every chunk: what enters the window never reaches a read

@@ -5,6 +5,10 @@ from importlib import import_module
 _EXPORTS = {
     "ClipSource": "sources",
     "ProceduralVideos": "procedural",
+    "WorldVideos": "world",
+    "revisit_labels": "world",
+    "ACTIONS": "world",
+    "action_embeddings": "world",
     "VideoFolder": "video_folder",
     "LatentShards": "latent_shards",
     "ClipDataModule": "datamodule",

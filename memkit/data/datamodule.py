@@ -91,6 +91,7 @@ class ClipDataset(Dataset):
         if self.random_crop and available > need:
             gen = torch.Generator().manual_seed(seed_of(dm.seed, epoch, index))
             start = int(torch.randint(available - need + 1, (), generator=gen))
+            start -= start % getattr(src, "crop_step", 1)  # e.g. a world's action segments stay whole
         item = src.read(index, start, need, dm.source_size)
         sample = {"index": index}
         key = "video" if src.modality == "video" else "latents"
@@ -107,7 +108,7 @@ class ClipDataset(Dataset):
             sample["latents"] = clip.float()
         else:
             sample["video"] = clip.float()
-        sample["prompt_embeds"] = dm.prompt_for(item, src.describe(index))
+        sample["prompt_embeds"] = dm.prompt_for(item, src.describe(index), chunks=usable // chunk)
         if not torch.isfinite(sample.get("latents", sample.get("video"))).all():
             raise DataError(f"{src.describe(index)}: the clip holds NaN or Inf")
         return sample
@@ -122,9 +123,13 @@ def collate_clips(items: list[dict | None]) -> dict:
     key = "latents" if "latents" in good[0] else "video"
     frames = min(x[key].shape[1] for x in good)
     batch[key] = torch.stack([x[key][:, :frames] for x in good])
-    length = max(x["prompt_embeds"].shape[0] for x in good)
+    prompts = [x["prompt_embeds"] for x in good]
+    if prompts[0].dim() == 3:  # one prompt per chunk (chunks, L, D): cut to the clip's chunks
+        chunks = min(p.shape[0] for p in prompts)
+        prompts = [p[:chunks] for p in prompts]
+    length = max(p.shape[-2] for p in prompts)
     batch["prompt_embeds"] = torch.stack(
-        [torch.nn.functional.pad(x["prompt_embeds"], (0, 0, 0, length - x["prompt_embeds"].shape[0])) for x in good]
+        [torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[-2])) for p in prompts]
     )
     batch["index"] = torch.tensor([x["index"] for x in good])
     return batch
@@ -237,8 +242,18 @@ class ClipDataModule(L.LightningDataModule):
                               f"text width is {dim}")
         return embeds.float()
 
-    def prompt_for(self, item: dict, where: str) -> torch.Tensor:
+    def prompt_for(self, item: dict, where: str, chunks: int = 1) -> torch.Tensor:
+        """The item's prompt ``(L, D)``, or with per-frame ``actions`` (a world's camera moves) one prompt per
+        chunk ``(chunks, L, D)``: the action of the chunk's first frame."""
         dim = self.requirements.text_dim
+        if "actions" in item:
+            from .world import action_embeddings
+
+            if self.vae_path is not None:  # 4 video frames make one latent frame: a chunk's action is ambiguous
+                raise ConfigError(f"{where}: per-frame actions condition a pixel-space backbone; data.vae is set")
+
+            first = item["actions"][:: self.requirements.chunk_frames][:chunks]
+            return action_embeddings(dim, self.prompt_len)[first.long()]
         if "prompt_embeds" in item:
             p = item["prompt_embeds"]
             p = p[0] if p.dim() == 3 and p.shape[0] == 1 else p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import ClassVar
 
 import torch
@@ -26,7 +27,8 @@ class Memory(nn.Module):
 
     kind: ClassVar[str] = "?"
 
-    def __init__(self, cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int):
+    def __init__(self, cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int,
+                 frame_shape: tuple[int, int] | None = None):
         super().__init__()
         dims = {"num_heads": num_heads, "head_dim": head_dim, "dim": dim, "frame_tokens": frame_tokens}
         for name, value in dims.items():
@@ -34,6 +36,7 @@ class Memory(nn.Module):
                 raise ConfigError(f"build_memory: {name} must be a positive int, got {value!r}")
         self.cfg = cfg
         self.num_heads, self.head_dim, self.dim, self.frame_tokens = num_heads, head_dim, dim, frame_tokens
+        self.frame_shape = _frame_shape(frame_shape, frame_tokens)
         self._layouts: dict[tuple[int, torch.dtype], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
 
     # The config fields that decide what a state holds; others (the router horizon, backends) may change
@@ -45,7 +48,12 @@ class Memory(nn.Module):
         return self.cfg.fingerprint(
             self.state_fields,
             num_heads=self.num_heads, head_dim=self.head_dim, dim=self.dim, frame_tokens=self.frame_tokens,
+            **self._fingerprint_extra(),
         )
+
+    def _fingerprint_extra(self) -> dict:
+        """More of what shapes this memory's states (e.g. the token grid of a memory that groups tokens by place)."""
+        return {}
 
     def extra_repr(self) -> str:
         heads = f"{self.num_heads}x{self.head_dim}"
@@ -217,6 +225,20 @@ class Memory(nn.Module):
                 )
         if state.device != q.device:
             raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")
+
+
+def _frame_shape(shape, frame_tokens: int) -> tuple[int, int]:
+    """The token grid (rows, columns) of a frame: as given, or the most nearly square one with ``frame_tokens``."""
+    if shape is None:
+        rows = max(r for r in range(1, math.isqrt(frame_tokens) + 1) if frame_tokens % r == 0)
+        return rows, frame_tokens // rows
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ConfigError(f"build_memory: frame_shape must be (rows, columns) of tokens, got {shape!r}")
+    if shape[0] * shape[1] != frame_tokens:
+        raise ConfigError(f"build_memory: frame_shape {tuple(shape)} holds {shape[0] * shape[1]} tokens, "
+                          f"but frame_tokens is {frame_tokens}")
+    return int(shape[0]), int(shape[1])
 
 
 def _span(frames: list[int]) -> str:

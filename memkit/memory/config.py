@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 from memkit.errors import ConfigError
 
 ROPE_MODES = ("absolute", "relative")
-EVICT_AGGREGATES = ("token", "frame_mean")
+EVICT_AGGREGATES = ("token", "frame_mean", "block_mean")
 ATTENTION_BACKENDS = ("auto", "torch", "naive", "xformers")
 SCAN_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 
@@ -21,8 +22,16 @@ class MemoryConfig:
     kind: registry name (``memkit.list_memories()``).
     sink_frames / window_frames: local memory sizes in latent frames.
     horizon_frames: the router's horizon T; positions past it clamp to T.
-    evict_aggregate: "token" writes every evicted token into the global
-        state, "frame_mean" writes one mean token per evicted frame.
+    evict_aggregate: what an evicted frame writes into the global state:
+        "frame_mean" (default) one mean token, "block_mean" one mean token per
+        spatial block of a ``blocks x blocks`` grid, "token" every token.
+        Gates are per frame and shared by a frame's writes, so time scales do
+        not depend on the resolution; only the number of items does (a
+        ``head_dim x head_dim`` state holds about ``head_dim`` of them).
+    blocks: the spatial grid (``blocks x blocks`` per frame) of "block_mean"
+        and of ``hybrid_blockwise``'s per-block states.
+    halflife_frames: (shortest, longest) initial retention half-life of the
+        global memory's heads, in frames; heads are spread log-uniformly.
     rope_mode: "absolute" caches keys rotated at their stream positions;
         "relative" rotates [sink | window | chunk] by slot on every read (needs
         ``rope=`` on read/commit/parallel; q, k then arrive un-rotated).
@@ -34,7 +43,9 @@ class MemoryConfig:
     sink_frames: int = 3
     window_frames: int = 6
     horizon_frames: int = 240
-    evict_aggregate: str = "token"
+    evict_aggregate: str = "frame_mean"
+    blocks: int = 2
+    halflife_frames: tuple[float, float] = (1.0, 128.0)
     rope_mode: str = "absolute"
     attention_backend: str = "auto"
     scan_backend: str = "auto"
@@ -47,6 +58,9 @@ class MemoryConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"MemoryConfig.{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.blocks, int) or isinstance(self.blocks, bool) or self.blocks < 1:
+            raise ConfigError(f"MemoryConfig.blocks must be a positive int, got {self.blocks!r}")
+        self._check_halflife()
         if self.window_frames < 1:
             raise ConfigError("MemoryConfig.window_frames must be >= 1")
         if self.horizon_frames < 1:
@@ -64,8 +78,19 @@ class MemoryConfig:
                 f"MemoryConfig.evict_aggregate must be one of {EVICT_AGGREGATES}, got {self.evict_aggregate!r}"
             )
 
+    def _check_halflife(self):
+        value = self.halflife_frames
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"MemoryConfig.halflife_frames must be (shortest, longest), got {value!r}") from None
+        if not (0 < lo <= hi < math.inf) or any(isinstance(v, bool) for v in value):
+            raise ConfigError(f"MemoryConfig.halflife_frames must be 0 < shortest <= longest, finite; got {value!r}")
+        object.__setattr__(self, "halflife_frames", (lo, hi))  # a list from JSON becomes a tuple
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON holds them (``halflife_frames`` a list); ``from_dict`` reads it back."""
+        return {**asdict(self), "halflife_frames": list(self.halflife_frames)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryConfig":

@@ -1,6 +1,6 @@
 """Hybrid memory (VideoSSM): sink + window attention plus a compressed global state of evicted tokens.
 
-Per head, a state ``M`` (head_dim x head_dim) absorbs every token evicted from
+Per head, a state ``M`` (head_dim x head_dim) absorbs every frame evicted from
 the window through a recurrent update (the gated delta rule, or an SSD scan),
 driven by gates computed from the token's block input when it entered the
 window. A chunk reads it as ``silu(W_g x) * RMSNorm(l2norm(q) M)`` and adds
@@ -8,12 +8,20 @@ that to the local attention output, weighted per head by the position-aware
 router ``gamma = sigmoid(w * log((t + 1) / T) + b)`` with ``t`` the frames
 streamed so far and ``T`` the horizon (``(t + 1) / T`` clamped to 1).
 
+Time scales are counted in frames. An evicted frame is written as ``W`` items
+(``evict_aggregate``: its mean, ``W = 1``; one mean per spatial block; or every
+token, ``W = frame_tokens``), and every gate (log-decay, write strength, step)
+is a per-frame quantity that the frame's ``W`` writes share, each using
+``gate / W``. A frame's writes then decay the state by the same factor at any
+resolution, and the heads' initial half-lives span ``halflife_frames``.
+
 ``W_g`` starts at zero, so a fresh hybrid memory equals ``sink_window``:
 retrofitting it changes nothing until it is trained.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,6 +65,40 @@ class HybridMemory(LocalMemory):
         self.norm_weight = nn.Parameter(torch.ones(D))
         self.router_w = nn.Parameter(torch.ones(H))
         self.router_b = nn.Parameter(torch.zeros(H))
+        if self.spatial:
+            block_grid(self.frame_shape, cfg.blocks, self.kind)  # a grid too fine for the frame fails here
+
+    @property
+    def spatial(self) -> bool:
+        """Whether writes group tokens by place (then the token grid and ``blocks`` shape the state)."""
+        return self.cfg.evict_aggregate == "block_mean"
+
+    def _fingerprint_extra(self) -> dict:
+        return {"blocks": self.cfg.blocks, "frame_shape": list(self.frame_shape)} if self.spatial else {}
+
+    def initial_rates(self) -> torch.Tensor:
+        """Per head, the initial per-frame log-retention rate ``ln 2 / half-life`` (half-lives log-spaced over
+        ``halflife_frames``, fastest head first)."""
+        lo, hi = self.cfg.halflife_frames
+        return math.log(2.0) / torch.logspace(math.log10(lo), math.log10(hi), self.num_heads)
+
+    @functools.cached_property
+    def _pooling(self) -> torch.Tensor | None:
+        """``(W, frame_tokens)``: how an evicted frame's tokens average into its ``W`` writes (None: every token)."""
+        T = self.frame_tokens
+        if self.cfg.evict_aggregate == "token":
+            return None
+        with torch.inference_mode(False):  # cached: it must be usable with autograd later
+            if self.cfg.evict_aggregate == "frame_mean":
+                return torch.full((1, T), 1.0 / T, dtype=torch.float64)
+            ids = block_grid(self.frame_shape, self.cfg.blocks, self.kind).flatten()
+            member = F.one_hot(ids, self.cfg.blocks**2).T.double()
+            return member / member.sum(dim=1, keepdim=True)
+
+    @property
+    def _writes_per_frame(self) -> int:
+        pooling = self._pooling
+        return self.frame_tokens if pooling is None else pooling.shape[0]
 
     # -- to implement -------------------------------------------------------------
     def _scan(self, M, k, v, gates: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -78,25 +120,44 @@ class HybridMemory(LocalMemory):
         pos = math.log(min((t + 1) / self.cfg.horizon_frames, 1.0))
         return torch.sigmoid(self.router_w * pos + self.router_b)
 
-    def _global_read(self, tensors, q, x, t):
+    def _readout(self, tensors, q: torch.Tensor) -> torch.Tensor:
+        """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames), in the state dtype."""
         M = tensors["global.M"]
-        r = torch.einsum("bnhk,bhkv->bnhv", l2norm(q.to(M.dtype)), M)
+        return torch.einsum("bnhk,bhkv->bnhv", l2norm(q.to(M.dtype)), M)
+
+    def _global_read(self, tensors, q, x, t):
+        r = self._readout(tensors, q)
         r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
         r = r.to(q.dtype) * self.norm_weight
         gate = F.silu(rearrange(self.out_gate(x), "b n (h d) -> b n h d", h=self.num_heads))
         return (self.router(t)[:, None] * gate * r).to(q.dtype)
 
     def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.cfg.evict_aggregate == "token":
-            return evicted
-        T = self.frame_tokens
-        return {n: e.unflatten(1, (-1, T)).mean(dim=2) for n, e in evicted.items()}
+        """Evicted tokens ``(B, frames * T, ...)`` -> the frames' writes ``(B, frames * W, ...)``, each gate divided by
+        ``W`` (a frame's gate is shared by its writes)."""
+        pooling, W = self._pooling, self._writes_per_frame
+        out = {}
+        for name, e in evicted.items():
+            if pooling is not None:
+                frames = e.unflatten(1, (-1, self.frame_tokens))
+                e = torch.einsum("wt,bft...->bfw...", pooling.to(e), frames).flatten(1, 2)
+            out[name] = e if name in ("k", "v") or W == 1 else e / W
+        return out
 
     def _write(self, M, evicted: dict[str, torch.Tensor]) -> torch.Tensor:
         ev = self._aggregate(evicted)
         gates = {n: ev[n] for n in self.gate_names}
         k = l2norm(ev["k"].to(M.dtype)).to(ev["k"].dtype)
         return self._scan(M, k, ev["v"], gates)
+
+    def recall(self, tensors: dict[str, torch.Tensor], evicted: dict[str, torch.Tensor]):
+        """What the global state returns for each write of an evicted payload (``{"k", "v", gates}`` of whole
+        frames), and the values written: ``(read, values)``, both ``(B, writes, H, D)``. Their cosine says how
+        well the state still holds those frames (see :func:`memkit.memory.retention`)."""
+        ev = self._aggregate(evicted)
+        M = tensors["global.M"]
+        read = torch.einsum("bnhk,bhkv->bnhv", l2norm(ev["k"].to(M.dtype)), M)
+        return read, ev["v"].to(M.dtype)
 
     def _global_write(self, tensors, evicted):
         tensors["global.M"] = self._write(tensors["global.M"], evicted)
@@ -117,3 +178,14 @@ class HybridMemory(LocalMemory):
             sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
             outs.append(self._global_read({"global.M": M}, q[:, sl], x[:, sl], c0))
         return torch.cat(outs, dim=1)
+
+
+def block_grid(frame_shape: tuple[int, int], blocks: int, kind: str) -> torch.Tensor:
+    """``(rows, columns)`` long: the block (in raster order over a ``blocks x blocks`` grid) of each token."""
+    rows, cols = frame_shape
+    if blocks > rows or blocks > cols:
+        raise ConfigError(f"{kind}: blocks={blocks} needs a token grid of at least {blocks}x{blocks} per frame, "
+                          f"got {rows}x{cols}")
+    r = torch.arange(rows) * blocks // rows
+    c = torch.arange(cols) * blocks // cols
+    return r[:, None] * blocks + c[None, :]

@@ -1,8 +1,13 @@
 """``hybrid_gdn``: VideoSSM's hybrid memory with a gated delta rule global state.
 
-Evicted tokens update ``M`` with ``M <- e^g M + beta k (v - (e^g M)^T k)^T`` where
-``beta = sigmoid(W_b x)`` and ``g = -exp(A) softplus(W_a x + b)``, both computed
-from the token's block input when it entered the window.
+Evicted frames update ``M`` write by write with ``M <- e^g M + beta k (v - (e^g M)^T k)^T``
+where, per frame, ``beta = sigmoid(W_b x + b_b)`` and ``g = -exp(A) softplus(W_a x + b_a)``, computed
+from the token's block input when it entered the window; each of a frame's ``W`` writes uses
+``g / W`` and ``beta / W`` (see :mod:`memkit.memory.hybrid`).
+
+At init ``W_a`` and ``W_b`` are zero, so the gates are the same for every token: head ``h`` keeps
+``2^(-n / half_life_h)`` of a frame after ``n`` later frames (half-lives log-spaced over
+``halflife_frames``), and writes with ``beta = 0.5`` per frame.
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ class HybridGDNMemory(HybridMemory):
         H = self.num_heads
         self.a_proj = nn.Linear(self.dim, H)      # W_a, b
         self.b_proj = nn.Linear(self.dim, H)      # W_b
-        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))
-        with torch.no_grad():  # softplus(b) spans the usual SSM step range [1e-3, 1e-1]
-            self.a_proj.bias.copy_(inverse_softplus(torch.logspace(-3, -1, H)))
+        self.A_log = nn.Parameter(torch.zeros(H))
+        with torch.no_grad():  # data-independent gates at init: the retention of each head is its half-life
+            nn.init.zeros_(self.a_proj.weight)
+            nn.init.zeros_(self.b_proj.weight)
+            nn.init.zeros_(self.b_proj.bias)
+            self.a_proj.bias.copy_(inverse_softplus(self.initial_rates()))
 
     def _token_gates(self, x):
         sdt = state_dtype(x.dtype)

@@ -1,7 +1,9 @@
 """``hybrid_ssd``: sink + window with a Mamba2-style SSD global state.
 
-Evicted tokens update ``M <- e^{dt A} M + dt k v^T`` with ``dt = softplus(W_dt x + b)``
-computed from the token's block input when it entered the window, ``A = -exp(A_log)``.
+Evicted frames update ``M <- e^{dt A} M + dt k v^T`` write by write, with the per-frame step
+``dt = softplus(W_dt x + b)`` computed from the token's block input when it entered the window, each of a
+frame's ``W`` writes using ``dt / W``, and ``A = -exp(A_log)``. At init ``W_dt = 0`` and ``A = -1``: head ``h``
+keeps ``2^(-n / half_life_h)`` of a frame after ``n`` later frames.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ class HybridSSDMemory(HybridMemory):
         super().__init__(cfg, **dims)
         H = self.num_heads
         self.dt_proj = nn.Linear(self.dim, H)
-        self.A_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, H)))
+        self.A_log = nn.Parameter(torch.zeros(H))
         with torch.no_grad():
-            self.dt_proj.bias.copy_(inverse_softplus(torch.logspace(-3, -1, H)))
+            nn.init.zeros_(self.dt_proj.weight)
+            self.dt_proj.bias.copy_(inverse_softplus(self.initial_rates()))
 
     def _token_gates(self, x):
         return {"dt": F.softplus(self.dt_proj(x)).to(state_dtype(x.dtype))}

@@ -33,8 +33,14 @@ def memory_class(name: str) -> type:
         raise UnknownMemoryError(f"unknown memory {name!r}; known: {', '.join(list_memories())}") from None
 
 
-def build_memory(cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int):
-    """Build the memory ``cfg.kind`` for one block of ``num_heads x head_dim`` heads, width ``dim``."""
+def build_memory(cfg: MemoryConfig, *, num_heads: int, head_dim: int, dim: int, frame_tokens: int,
+                 frame_shape: tuple[int, int] | None = None):
+    """Build the memory ``cfg.kind`` for one block of ``num_heads x head_dim`` heads, width ``dim``.
+
+    frame_shape: the frame's token grid (rows, columns), ``rows * columns == frame_tokens``; memories that
+    group tokens spatially use it (default: the most nearly square grid).
+    """
     if not isinstance(cfg, MemoryConfig):
         raise TypeError(f"build_memory needs a MemoryConfig, got {type(cfg).__name__}")
-    return memory_class(cfg.kind)(cfg, num_heads=num_heads, head_dim=head_dim, dim=dim, frame_tokens=frame_tokens)
+    return memory_class(cfg.kind)(cfg, num_heads=num_heads, head_dim=head_dim, dim=dim, frame_tokens=frame_tokens,
+                                  frame_shape=frame_shape)

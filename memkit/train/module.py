@@ -143,6 +143,7 @@ class MemoryFinetune(L.LightningModule):
         return self.backbone_dtype
 
     def prepare_prompt(self, batch: dict) -> torch.Tensor:
+        """``(B, L, D)``, or ``(B, chunks, L, D)``: one prompt per chunk (action-conditioned clips)."""
         return batch["prompt_embeds"].to(device=self.device, dtype=self.model_dtype)
 
     def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +310,7 @@ def _trainable_kinds() -> list[str]:
     from memkit.memory import build_memory
 
     def has_params(kind: str) -> bool:
-        mem = build_memory(MemoryConfig(kind=kind), num_heads=1, head_dim=2, dim=2, frame_tokens=1)
+        mem = build_memory(MemoryConfig(kind=kind, blocks=1), num_heads=1, head_dim=2, dim=2, frame_tokens=1)
         return any(True for _ in mem.parameters())
 
     return [kind for kind in list_memories() if has_params(kind)]

@@ -62,7 +62,8 @@ class RollingMemory(TrainingLoss):
         state = None
         losses = []
         for c0, c1 in self._segments(chunks):
-            per_chunk, state = chunk_losses(module, x0[:, :, c0 * F: c1 * F], prompt, generator, self.noise,
+            segment_prompt = prompt[:, c0:c1] if prompt.dim() == 4 else prompt  # per-chunk prompts: this segment's
+            per_chunk, state = chunk_losses(module, x0[:, :, c0 * F: c1 * F], segment_prompt, generator, self.noise,
                                             context_noise=self.context_noise, state=state)
             if train:
                 weight = 1.0 if self.step_every_segment else (c1 - c0) / chunks

@@ -111,6 +111,9 @@ class SelfRolloutDMD(TrainingLoss):
     # -- the pieces ----------------------------------------------------------------------------------
     def rollout(self, module, prompt: torch.Tensor, generator: torch.Generator, *, train_generator: bool):
         """The loss window of a fresh rollout, ``(B, C, window_chunks * chunk_frames, H, W)`` float32."""
+        if prompt.dim() == 4:
+            raise ConfigError("self_rollout takes one prompt per clip; per-chunk prompts (action-conditioned "
+                              "clips) train with teacher_forcing or rolling")
         h = module.handle
         B = prompt.shape[0]
         shape = (B, h.dims.in_channels, h.chunk_frames, *h.latent_size)

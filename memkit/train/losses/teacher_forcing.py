@@ -28,10 +28,18 @@ def chunk_losses(module, x0: torch.Tensor, prompt: torch.Tensor, generator: torc
                  context: str = "clean", context_noise: float = 0.0,
                  state: StreamState | None = None) -> tuple[torch.Tensor, StreamState | None]:
     """Flow-matching loss per sample and chunk ``(B, chunks)`` of the clean clip ``x0 (B, C, F, H, W)``, and the
-    stream state after committing its context (``context="clean"``; from ``state`` or an empty stream)."""
+    stream state after committing its context (``context="clean"``; from ``state`` or an empty stream).
+
+    prompt: ``(B, L, D)`` for the clip, or ``(B, chunks, L, D)`` one per chunk (then the chunks run one by one,
+    each committing its context before the next reads: the same equations, as streaming equals parallel).
+    """
     h = module.handle
     B, F = x0.shape[0], x0.shape[2]
     chunks = F // h.chunk_frames
+    per_chunk_prompts = prompt.dim() == 4
+    if per_chunk_prompts and (context == "noisy" or prompt.shape[1] < chunks):
+        raise ConfigError("per-chunk prompts (B, chunks, L, D) need context='clean' and one prompt per chunk; got "
+                          f"{prompt.shape[1]} prompts for {chunks} chunks, context={context!r}")
     sigma = per_frame(noise.sample((B, chunks), generator, x0.device), h.chunk_frames)
     eps = module.randn(x0.shape, generator)
     noisy = add_noise(x0, sigma, eps)
@@ -45,8 +53,14 @@ def chunk_losses(module, x0: torch.Tensor, prompt: torch.Tensor, generator: torc
             ctx = add_noise(x0, torch.full((B,), s, device=x0.device), module.randn(x0.shape, generator))
         if state is None:
             state = h.init_state(B)
-        pred, state = h.teacher_force(state, noisy.to(dtype), 1000.0 * sigma, prompt, context=ctx.to(dtype),
-                                      context_timestep=1000.0 * s)
+        pieces = [(0, F, prompt)] if not per_chunk_prompts else [
+            (c * h.chunk_frames, (c + 1) * h.chunk_frames, prompt[:, c]) for c in range(chunks)]
+        preds = []
+        for f0, f1, p in pieces:
+            pred, state = h.teacher_force(state, noisy[:, :, f0:f1].to(dtype), 1000.0 * sigma[:, f0:f1], p,
+                                          context=ctx[:, :, f0:f1].to(dtype), context_timestep=1000.0 * s)
+            preds.append(pred)
+        pred = torch.cat(preds, dim=2)
     per_frame_loss = frame_mse(pred, flow_target(x0, eps))
     return per_frame_loss.unflatten(1, (chunks, h.chunk_frames)).mean(dim=2), state
 

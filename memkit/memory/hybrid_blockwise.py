@@ -1,0 +1,101 @@
+"""``hybrid_blockwise``: sink + window with one gated-delta-rule state per spatial block (the block-wise scan of
+Po et al., 2505.20171).
+
+The frame's token grid is cut into a ``blocks x blocks`` grid. Each block carries its own state ``M_b``, scanned
+along time over what that block evicts (its mean per frame with ``evict_aggregate="frame_mean"``, or its tokens
+in raster order with ``"token"``), so the global memory keeps *where* things were; a token reads the state of
+its own block. The update and the gates are those of ``hybrid_gdn``, per frame and shared by the block's writes
+of that frame.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from memkit.errors import ConfigError
+from memkit.ops import gated_delta_rule
+from memkit.state import state_dtype
+
+from .hybrid import block_grid, l2norm
+from .hybrid_gdn import HybridGDNMemory
+from .registry import register_memory
+
+
+@register_memory("hybrid_blockwise")
+class HybridBlockwiseMemory(HybridGDNMemory):
+    state_fields = ("sink_frames", "window_frames", "rope_mode", "evict_aggregate", "blocks")
+
+    def __init__(self, cfg, **dims):
+        if cfg.evict_aggregate == "block_mean":
+            raise ConfigError("hybrid_blockwise keeps one state per block already; use evict_aggregate "
+                              "'frame_mean' (each block's mean per frame) or 'token'")
+        super().__init__(cfg, **dims)
+
+    @property
+    def spatial(self) -> bool:
+        return True
+
+    @functools.cached_property
+    def _block_tokens(self) -> list[torch.Tensor]:
+        """Per block, the indices of its tokens within a frame (raster order)."""
+        with torch.inference_mode(False):  # cached: it must be usable with autograd later
+            ids = block_grid(self.frame_shape, self.cfg.blocks, self.kind).flatten()
+            return [torch.nonzero(ids == b).flatten() for b in range(self.cfg.blocks**2)]
+
+    def _global_empty(self, batch, device, dtype):
+        D, n = self.head_dim, self.cfg.blocks**2
+        return {"global.M": torch.zeros(batch, n, self.num_heads, D, D, device=device, dtype=state_dtype(dtype))}
+
+    def _groups(self, evicted: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Per block, its writes ``(B, n_b, ...)`` in time order, each gate divided by the block's writes per frame."""
+        groups = []
+        for idx in self._block_tokens:
+            group = {}
+            for name, e in evicted.items():
+                part = e.unflatten(1, (-1, self.frame_tokens))[:, :, idx.to(e.device)]  # (B, frames, tokens, ...)
+                if self.cfg.evict_aggregate == "frame_mean":
+                    group[name] = part.mean(dim=2)
+                else:
+                    part = part.flatten(1, 2)
+                    group[name] = part if name in ("k", "v") else part / len(idx)
+            groups.append(group)
+        return groups
+
+    def _write(self, M, evicted):
+        groups = self._groups(evicted)
+        if len({g["k"].shape[1] for g in groups}) == 1:  # equal blocks: one scan over (batch x blocks)
+            stacked = {name: torch.stack([g[name] for g in groups], dim=1).flatten(0, 1) for name in groups[0]}
+            return self._scan_block(M.flatten(0, 1), stacked).unflatten(0, M.shape[:2])
+        return torch.stack([self._scan_block(M[:, b], g) for b, g in enumerate(groups)], dim=1)
+
+    def _scan_block(self, M, writes):
+        k = l2norm(writes["k"].to(M.dtype)).to(writes["k"].dtype)
+        _, M = gated_delta_rule(k, k, writes["v"], writes["g"], writes["beta"], initial_state=M,
+                                output_final_state=True, backend=self.cfg.scan_backend)
+        return M
+
+    def _readout(self, tensors, q):
+        M = tensors["global.M"]
+        qn = l2norm(q.to(M.dtype)).unflatten(1, (-1, self.frame_tokens))  # (B, frames, T, H, D)
+        parts = [torch.einsum("bfthk,bhkv->bfthv", qn[:, :, idx.to(q.device)], M[:, b])
+                 for b, idx in enumerate(self._block_tokens)]
+        by_block = torch.cat(parts, dim=2)  # tokens grouped by block; put them back in raster order
+        return by_block[:, :, self._raster_order.to(q.device)].flatten(1, 2)
+
+    @functools.cached_property
+    def _raster_order(self) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return torch.argsort(torch.cat(self._block_tokens))
+
+    def recall(self, tensors, evicted):
+        M = tensors["global.M"]
+        reads, values = [], []
+        for b, g in enumerate(self._groups(evicted)):
+            reads.append(torch.einsum("bnhk,bhkv->bnhv", l2norm(g["k"].to(M.dtype)), M[:, b]))
+            values.append(g["v"].to(M.dtype))
+        return torch.cat(reads, dim=1), torch.cat(values, dim=1)
+
+
+__all__ = ["HybridBlockwiseMemory"]
