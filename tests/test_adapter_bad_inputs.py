@@ -173,3 +173,28 @@ def test_inject_checks_the_rope_table_covers_the_latent_size(family):
     h = adapters.inject(model, cfg, chunk_frames=3, latent_size=(64, 64))  # the largest that fits
     assert h.grid == (32, 32)
     adapters.remove(model)
+
+
+def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_load_strictly(tmp_path):
+    from memkit.state import io
+
+    source = tiny_model("wan", seed=1)
+    inject(source, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, halflife_frames=(2.0, 50.0),
+           blocks=3)  # blocks: unused by a single-state memory; half-lives: only the initial weights
+    memkit.save_memory(source, tmp_path / "m.safetensors")
+    tensors, meta = io.read(tmp_path / "m.safetensors", "memory weights")
+    for layer in meta["layers"].values():  # as saved before these fields existed
+        del layer["config"]["blocks"], layer["config"]["halflife_frames"]
+    io.write(tmp_path / "old.safetensors", tensors, meta)
+    for name in ("m", "old"):
+        target = tiny_model("wan")
+        inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)
+        memkit.load_memory(target, tmp_path / f"{name}.safetensors")
+        assert all(torch.equal(target.state_dict()[k], v) for k, v in tensors.items())
+    spatial = tiny_model("wan", seed=1)
+    inject(spatial, "hybrid_blockwise", chunk_frames=3, sink_frames=1, window_frames=3, blocks=1)
+    memkit.save_memory(spatial, tmp_path / "b1.safetensors")
+    target = tiny_model("wan")
+    inject(target, "hybrid_blockwise", chunk_frames=3, sink_frames=1, window_frames=3)
+    with pytest.raises(CheckpointError, match="blocks: file 1, model 2"):
+        memkit.load_memory(target, tmp_path / "b1.safetensors")

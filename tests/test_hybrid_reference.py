@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import memkit
+from memkit.errors import ConfigError
+from memkit.memory.hybrid import block_grid
 from memkit.ops import naive_attention
 
 
@@ -229,3 +231,15 @@ def test_float32_memory_under_bf16_autocast_follows_the_equations_within_bf16_ro
     assert y.dtype == torch.bfloat16 and state["global.M"].dtype == torch.float32
     assert rel_err(y, ref) < 2e-2
     assert rel_err(local_only, ref) > 0.2
+
+
+@pytest.mark.parametrize("shape, blocks, expected", [
+    ((4, 4), 2, [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]),
+    ((3, 5), 2, [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [2, 2, 2, 3, 3]]),
+    ((4, 6), 3, [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]),
+    ((2, 2), 1, [[0, 0], [0, 0]]),
+])
+def test_block_grid_assigns_each_token_its_block_by_hand(shape, blocks, expected):
+    assert block_grid(shape, blocks, "hybrid_blockwise").tolist() == expected
+    with pytest.raises(ConfigError, match="needs a token grid of at least"):
+        block_grid((1, 8), 2, "hybrid_blockwise")

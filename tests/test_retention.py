@@ -67,5 +67,13 @@ def test_retention_checks_its_arguments():
         retention(fresh("hybrid_gdn", 16), [-1])
     with pytest.raises(ConfigError, match="halflife_frames"):
         memkit.MemoryConfig(halflife_frames=(10.0, 1.0))
+    with pytest.raises(ConfigError, match="halflife_frames must be"):
+        memkit.MemoryConfig(halflife_frames="12")  # not the half-lives (1, 2)
+
+
+def test_a_single_head_takes_the_longest_half_life():
+    mem = memkit.build_memory(memkit.MemoryConfig(kind="hybrid_gdn", halflife_frames=(2.0, 80.0)), num_heads=1,
+                              head_dim=8, dim=16, frame_tokens=4)
+    assert torch.allclose(mem.initial_rates(), torch.tensor([math.log(2) / 80.0]))
     with pytest.raises(ConfigError, match="blocks=8 needs a token grid of at least 8x8"):
         fresh("hybrid_blockwise", 16, blocks=8)

@@ -12,6 +12,7 @@ import memkit
 from adapters.loading import BackboneSpec
 from memkit.errors import CheckpointError, ConfigError
 from memkit.train import LoraOptions, MemoryFinetune, RollingMemory, SelfRolloutDMD, TeacherForcing
+from memkit.train.losses.rolling import global_read_frames
 from memkit.train.trainable import parameter_groups
 
 PIXEL = {"in_channels": 3, "out_channels": 3}
@@ -157,6 +158,30 @@ def test_rolling_training_gives_the_write_path_gradient_only_through_the_carried
     assert all(g is not None and g.abs().sum() > 0 for g in through.values())
     detached = write_grads(1)  # detached after every chunk: what enters the window never reaches a read
     assert all(g is None or g.abs().sum() == 0 for g in detached.values())
+
+
+def test_clips_too_short_for_the_global_memory_are_warned_and_really_never_read_it(caplog):
+    memory = memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=3)
+    assert global_read_frames(1, 3, 3) == 9  # frame 1 leaves the window in the commit of frames 3-5, read by 6-8
+
+    def read_grads(frames):
+        module = fixed_noise(module_for(RollingMemory(tbptt_chunks=frames // 3), memory=memory))
+        fit(module, fixed_batch(frames=frames), steps=1)
+        module.zero_grad()
+        module.step_optimizer = lambda optimizer=0: False  # keep the gradient of the next step
+        module.log = lambda *args, **kwargs: None
+        module.training_step(fixed_batch(frames=frames), 0)
+        return [p.grad for _, p in parameter_groups(module.model)["memory_read"]]
+
+    with caplog.at_level("WARNING", logger="memkit.train"):
+        short = read_grads(6)
+    assert "never takes part in training" in caplog.text
+    assert all(g is None or g.abs().sum() == 0 for g in short)  # zero-init read-out gate: no gradient at all
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memkit.train"):
+        enough = read_grads(9)
+    assert "never takes part" not in caplog.text
+    assert any(g is not None and g.abs().sum() > 0 for g in enough)
 
 
 def test_sink_window_has_nothing_to_train_and_the_error_says_so():

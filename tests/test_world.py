@@ -183,6 +183,20 @@ def test_content_that_left_the_local_memory_is_recalled_and_keeps_that_origin_wh
     assert with_sink["revisit"].tolist() == [False] * 5 + [True, False]
 
 
+def test_frames_of_one_chunk_read_the_window_before_the_chunk_not_each_other():
+    positions = torch.tensor([(0, 0), (0, 2), (0, 4), (0, 0), (0, 0), (0, 1), (0, 0)])  # as above
+    per_frame = revisit_labels(positions, view_cells=2, world_cells=6, window=2)
+    # Frame by frame, frame 3's window is frames 1-2: columns 0-1 are recalled, and stay so while copied.
+    assert per_frame["recalled_fraction"].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    chunked = revisit_labels(positions, view_cells=2, world_cells=6, window=2, chunk=2)
+    # In chunks of 2, frame 3 (chunk 2-3) reads frames 0-1, which hold columns 0-1: still in reach, still new.
+    # Frame 5 (chunk 4-5) reads frames 2-3 (columns 4-5, 0-1): column 2, seen at frame 1, is recalled.
+    assert chunked["recalled_fraction"].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]
+    assert chunked["new_fraction"].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0]
+    assert torch.equal(revisit_labels(positions, 2, 6, window=2, chunk=1)["recalled_fraction"],
+                       per_frame["recalled_fraction"])
+
+
 def test_the_default_path_revisits_old_places_and_finds_new_ones():
     for seed in range(3):
         labels = WorldVideos(count=1, frames=240, seed=seed).labels(0, window=6, sink=3)

@@ -13,7 +13,7 @@ from memkit.cli import main
 from memkit.data import ClipDataModule, WorldVideos, action_embeddings
 from memkit.data.datamodule import DataRequirements, collate_clips
 from memkit.demo import WORLD_MODELS, asset
-from memkit.errors import ConfigError, StateFormatError
+from memkit.errors import CheckpointError, ConfigError, ShapeError, StateFormatError
 from memkit.rollout.world import WorldModel
 from memkit.train import RollingMemory, SelfRolloutDMD, TeacherForcing
 
@@ -90,6 +90,22 @@ def test_per_chunk_prompts_are_refused_where_a_loss_cannot_use_them():
         dmd.evaluate(module_for(dmd), per_chunk, torch.Generator().manual_seed(0))
 
 
+def test_a_world_source_is_refused_where_its_actions_cannot_be_one_prompt_per_chunk(tmp_path):
+    def setup(source, **kw):
+        dm = ClipDataModule(source, frames=12, batch_size=2, **kw)
+        dm.requirements = DataRequirements(channels=3, latent_size=(16, 16), text_dim=32, chunk_frames=3)
+        dm.setup()
+
+    world = dict(count=2, frames=24, seed=5, view_cells=4, world_cells=8, objects=2)
+    setup(WorldVideos(**world, action_frames=6))  # two chunks per action segment: fine
+    with pytest.raises(ConfigError, match="straddle two actions"):
+        setup(WorldVideos(**world, action_frames=2))
+    with pytest.raises(ConfigError, match="data.vae is set"):
+        setup(WorldVideos(**world), vae=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.prompt_embeds would be ignored"):
+        setup(WorldVideos(**world), prompt_embeds=str(tmp_path / "p.safetensors"))
+
+
 def test_a_world_model_file_round_trips_and_a_truncated_or_foreign_one_fails_cleanly(tmp_path):
     setup = quick_setup()
     model = WorldModel(setup.backbone(), setup.memory("hybrid_blockwise"), (16, 16), prompt_len=setup.prompt_len)
@@ -110,17 +126,23 @@ def test_a_world_model_file_round_trips_and_a_truncated_or_foreign_one_fails_cle
     with pytest.raises(StateFormatError, match="truncated or corrupt"):
         WorldModel.load(tmp_path / "cut.safetensors")
     model.handle.init_state(1).save(tmp_path / "state.safetensors")
-    with pytest.raises(Exception, match="not a world model|world model"):
+    with pytest.raises(CheckpointError, match="not a world model"):
         WorldModel.load(tmp_path / "state.safetensors")
+    bad = world.actions(0).clone()
+    bad[5] = 7
+    with pytest.raises(ConfigError, match="action ids"):
+        model.rollout(truth[:, :3], bad, 12)
+    with pytest.raises(ShapeError, match="history must be"):
+        model.rollout(truth[:, :3], world.actions(0), 12, history=truth[:, :9])
 
 
 def test_quality_bench_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     out, models = tmp_path / "results", tmp_path / "models"
-    assert main(["bench", "quality", "--quick", "--out", str(out), "--export", str(models)]) == 0
+    assert main(["bench", "quality", "--quick", "--steps", "3", "--out", str(out), "--export", str(models)]) == 0
     table = (out / "quality.md").read_text()
     assert all(f"| `{kind}` |" in table for kind in VARIANTS) and "Wall time" in table
     report = json.loads((out / "quality.json").read_text())
-    assert set(report["results"]) == set(VARIANTS)
+    assert set(report["results"]) == set(VARIANTS) and report["setup"]["steps"] == 3  # --quick keeps given flags
     for r in report["results"].values():
         assert set(r["psnr"]) == {"revisit", "new", "all"} and r["psnr"]["all"] > 0
         assert len(r["drift"]) == report["setup"]["eval_frames"] - report["setup"]["chunk_frames"]
@@ -142,13 +164,16 @@ def test_the_shipped_world_models_load_play_the_world_and_fail_cleanly_when_trun
     world = setup.world(1, 12, 777)
     truth = world.read(0, 0, 12, (setup.frame_size, setup.frame_size))["video"]
     video = model.rollout(truth[:, :3], world.actions(0), 12).video
+    true_past = model.rollout(truth[:, :3], world.actions(0), 12, history=truth).video
     assert torch.equal(video[:, :3], truth[:, :3])
 
     def psnr(a):
         return 10 * torch.log10(4.0 / (a - truth[:, 3:]).pow(2).mean())
 
     flat = truth[:, 3:].mean(dim=(2, 3), keepdim=True).expand_as(truth[:, 3:])  # each frame's own mean colour
-    assert psnr(video[:, 3:]) > psnr(flat) + 1.0  # it learned the world, beyond its colours
+    # It learned the world beyond its colours: from the true past by a wide margin, and in its own rollout.
+    assert psnr(true_past[:, 3:]) > psnr(flat) + 3.0
+    assert psnr(video[:, 3:]) > psnr(flat) + 1.0
     cut = tmp_path / "cut.safetensors"
     shutil.copyfile(path, cut)
     with open(cut, "r+b") as f:
@@ -156,3 +181,13 @@ def test_the_shipped_world_models_load_play_the_world_and_fail_cleanly_when_trun
     with pytest.raises(StateFormatError, match="truncated or corrupt"):
         WorldModel.load(cut)
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clip-frames", "6"], "never learns"),  # the quick setup's global memory is first read by frame 6
+    (["--variants", "full", "full"], "lists a variant twice"),
+    (["--eval-frames", "2001"], "RoPE table"),
+    (["--clip-frames", "243"], "at most the training videos"),
+])
+def test_quality_bench_refuses_a_setup_that_cannot_work_before_training(flags, message, tmp_path, capsys):
+    assert main(["bench", "quality", "--quick", "--out", str(tmp_path / "r"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -20,6 +20,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from memkit.memory import MemoryConfig, build_memory, list_memories
+from memkit.memory.base import default_frame_shape
 from memkit.outputs import atomic_output
 
 
@@ -39,8 +40,9 @@ def run_memory_bench(kinds=None, chunks=256, chunk_frames=3, sink_frames=3, wind
     device = torch.device(device)
     torch.manual_seed(seed)
     mems, states = {}, {}
+    blocks = min(2, *default_frame_shape(frame_tokens))  # a 2x2 grid of blocks where the token grid holds one
     for kind in kinds:
-        cfg = MemoryConfig(kind=kind, sink_frames=sink_frames, window_frames=window_frames,
+        cfg = MemoryConfig(kind=kind, sink_frames=sink_frames, window_frames=window_frames, blocks=blocks,
                            horizon_frames=chunks * chunk_frames, check_finite=False)
         mem = build_memory(cfg, num_heads=heads, head_dim=head_dim, dim=dim, frame_tokens=frame_tokens)
         mems[kind] = mem.to(device=device, dtype=dtype).eval()

@@ -24,6 +24,8 @@ import torch
 
 VARIANTS = ("full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd", "hybrid_blockwise")
 HYBRIDS = tuple(v for v in VARIANTS if v.startswith("hybrid"))
+TRAIN_FRAMES = 240  # frames per training video
+ROPE_FRAMES = 1024  # positions in the backbone's RoPE table (WorldModel.load extends it for longer rollouts)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class QualitySetup:
     sink_frames: int = 3
     window_frames: int = 6
     blocks: int = 2
+    horizon_frames: int = 96  # the hybrids' router horizon (positions past it read as its end)
     train_videos: int = 256
     clip_frames: int = 24
     batch: int = 2
@@ -61,7 +64,7 @@ class QualitySetup:
         overrides = {"in_channels": 3, "out_channels": 3, "patch_size": [1, self.patch, self.patch],
                      "num_attention_heads": self.heads, "attention_head_dim": self.head_dim,
                      "ffn_dim": self.ffn, "num_layers": self.layers, "text_dim": self.text_dim,
-                     "freq_dim": 32, "rope_max_seq_len": 1024}
+                     "freq_dim": 32, "rope_max_seq_len": ROPE_FRAMES}
         return BackboneSpec(size="tiny", seed=self.seed, overrides=overrides)
 
     def memory(self, kind: str):
@@ -70,7 +73,7 @@ class QualitySetup:
         # `window` gets the sink's frames too: every bounded variant holds the same number of frames
         window = self.window_frames + (self.sink_frames if kind == "window" else 0)
         return MemoryConfig(kind=kind, sink_frames=self.sink_frames, window_frames=window, blocks=self.blocks,
-                            horizon_frames=self.eval_frames, check_finite=False)
+                            horizon_frames=self.horizon_frames, check_finite=False)
 
     def world(self, count: int, frames: int, seed: int):
         from memkit.data.world import WorldVideos
@@ -93,13 +96,15 @@ class VariantResult:
     first_video: torch.Tensor | None = field(default=None, repr=False)  # the first held-out rollout (for strips)
 
 
-def train_variant(setup: QualitySetup, kind: str, progress: bool = True):
-    """Train a fresh backbone with memory ``kind`` for ``setup.steps`` steps; return the WorldModel and seconds."""
+def train_variant(setup: QualitySetup, kind: str, progress: bool = True, console=None):
+    """Train a fresh backbone with memory ``kind`` for ``setup.steps`` steps; return the WorldModel, the seconds
+    and the final loss. ``progress`` draws a bar; otherwise ``console`` (if given) gets a line now and then."""
     import lightning as L
 
     from memkit.data import ClipDataModule
     from memkit.rollout.world import WorldModel
     from memkit.train import MemoryFinetune, RollingMemory
+    from memkit.train.callbacks import ProgressLines
     from memkit.train.flow import NoiseLevels
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -109,11 +114,13 @@ def train_variant(setup: QualitySetup, kind: str, progress: bool = True):
     module = MemoryFinetune(backbone=setup.backbone(), memory=setup.memory(kind), loss=loss,
                             chunk_frames=setup.chunk_frames, latent_size=(setup.frame_size, setup.frame_size),
                             trainable="all", lr=setup.lr, warmup_steps=min(20, setup.steps // 10), seed=setup.seed)
-    data = ClipDataModule(setup.world(setup.train_videos, 240, setup.seed), frames=setup.clip_frames,
+    data = ClipDataModule(setup.world(setup.train_videos, TRAIN_FRAMES, setup.seed), frames=setup.clip_frames,
                           batch_size=setup.batch, prompt_len=setup.prompt_len, seed=setup.seed)
     trainer = L.Trainer(max_steps=setup.steps, max_epochs=10**6, accelerator="cpu" if not torch.cuda.is_available()
                         else "auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False)
+                        enable_progress_bar=progress, enable_model_summary=False,
+                        callbacks=[] if progress or console is None else
+                        [ProgressLines(lambda line: console.print(f"  {kind}: {line}", markup=False))])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,38 +136,26 @@ def train_variant(setup: QualitySetup, kind: str, progress: bool = True):
 
 def evaluate(world, setup: QualitySetup, result: VariantResult) -> dict[int, torch.Tensor]:
     """Roll the model out on the held-out worlds; fill ``result``; return each video's generated frames."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)  # worlds never trained on
-    size = (setup.frame_size, setup.frame_size)
     first = setup.chunk_frames
-    per_frame_psnr, per_frame_ssim, masks, timings, videos = [], [], {"revisit": [], "new": []}, [], {}
-    tf_psnr = []
-    for i in range(len(source)):
-        truth = source.read(i, 0, setup.eval_frames, size)["video"]
-        out = world.rollout(truth[:, :first], source.actions(i), setup.eval_frames,
-                            seed=setup.seed + i)
-        forced = world.rollout(truth[:, :first], source.actions(i), setup.eval_frames, seed=setup.seed + i,
-                               history=truth).video
-        tf_psnr.append(peak_signal_noise_ratio(forced[:, first:].transpose(0, 1), truth[:, first:].transpose(0, 1),
-                                               data_range=2.0, reduction="none", dim=(1, 2, 3)))
+    psnr, ssim, forced, masks, timings, videos = [], [], [], [], [], {}
+    for i, actions, truth, labels in held_out(setup):
+        out = world.rollout(truth[:, :first], actions, setup.eval_frames, seed=setup.seed + i)
+        true_past = world.rollout(truth[:, :first], actions, setup.eval_frames, seed=setup.seed + i,
+                                  history=truth).video
         videos[i] = out.video
-        pred, target = out.video[:, first:].transpose(0, 1), truth[:, first:].transpose(0, 1)  # (F, 3, H, W)
-        per_frame_psnr.append(peak_signal_noise_ratio(pred, target, data_range=2.0, reduction="none",
-                                                      dim=(1, 2, 3)))
-        per_frame_ssim.append(structural_similarity_index_measure(pred, target, data_range=2.0,
-                                                                  reduction="none"))
-        labels = source.labels(i, window=setup.window_frames, sink=setup.sink_frames)
-        for name in masks:
-            masks[name].append(labels[name][first:])
+        psnr.append(frame_psnr(out.video[:, first:], truth[:, first:]))
+        forced.append(frame_psnr(true_past[:, first:], truth[:, first:]))
+        ssim.append(structural_similarity_index_measure(out.video[:, first:].transpose(0, 1),
+                                                        truth[:, first:].transpose(0, 1), data_range=2.0,
+                                                        reduction="none"))
+        masks.append(labels)
         timings.append(out.chunk_seconds)
         result.state_bytes = out.state_bytes
-    psnr, ssim, forced = torch.stack(per_frame_psnr), torch.stack(per_frame_ssim), torch.stack(tf_psnr)
-    for name, mask in (("revisit", torch.stack(masks["revisit"])), ("new", torch.stack(masks["new"])),
-                       ("all", torch.ones_like(psnr, dtype=torch.bool))):
-        result.psnr[name] = float(psnr[mask].mean()) if mask.any() else float("nan")
-        result.ssim[name] = float(ssim[mask].mean()) if mask.any() else float("nan")
-        result.psnr_tf[name] = float(forced[mask].mean()) if mask.any() else float("nan")
+    psnr = torch.stack(psnr)
+    result.psnr, result.ssim = by_label(psnr, masks), by_label(torch.stack(ssim), masks)
+    result.psnr_tf = by_label(torch.stack(forced), masks)
     result.drift = psnr.mean(dim=0).tolist()
     per_chunk = torch.tensor(timings)  # (videos, generated chunks)
     k = max(1, per_chunk.shape[1] // 5)
@@ -169,24 +164,42 @@ def evaluate(world, setup: QualitySetup, result: VariantResult) -> dict[int, tor
     return videos
 
 
+def held_out(setup: QualitySetup):
+    """Per held-out world (seeds never trained on): its index, actions, true frames ``(3, F, H, W)`` and the
+    ``revisit`` / ``new`` masks of its frames after the first chunk (the generated ones)."""
+    source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)
+    for i in range(len(source)):
+        truth = source.read(i, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"]
+        labels = source.labels(i, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
+        yield i, source.actions(i), truth, {n: labels[n][setup.chunk_frames:] for n in ("revisit", "new")}
+
+
+def frame_psnr(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB, torchmetrics) of each frame of ``(3, F, H, W)`` videos in [-1, 1]: ``(F,)``."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(pred.transpose(0, 1), truth.transpose(0, 1), data_range=2.0, reduction="none",
+                                   dim=(1, 2, 3))
+
+
+def by_label(values: torch.Tensor, masks: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The mean of per-frame ``values (videos, F)`` over revisited, new and all frames (NaN where none)."""
+    out = {}
+    for name in ("revisit", "new"):
+        mask = torch.stack([m[name] for m in masks])
+        out[name] = float(values[mask].mean()) if mask.any() else float("nan")
+    return {**out, "all": float(values.mean())}
+
+
 def flat_baseline(setup: QualitySetup) -> dict[str, float]:
     """PSNR of a model-free reference on the same held-out frames: each true frame replaced by its own mean colour
     (it knows the colours, not the layout). A model below it has not learned the world beyond its colours."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)
-    first, values, masks = setup.chunk_frames, [], {"revisit": [], "new": []}
-    for i in range(len(source)):
-        truth = source.read(i, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"][:, first:]
-        flat = truth.mean(dim=(2, 3), keepdim=True).expand_as(truth)
-        values.append(peak_signal_noise_ratio(flat.transpose(0, 1), truth.transpose(0, 1), data_range=2.0,
-                                              reduction="none", dim=(1, 2, 3)))
-        labels = source.labels(i, window=setup.window_frames, sink=setup.sink_frames)
-        for name in masks:
-            masks[name].append(labels[name][first:])
-    psnr = torch.stack(values)
-    out = {name: float(psnr[torch.stack(m)].mean()) for name, m in masks.items()}
-    return {**out, "all": float(psnr.mean())}
+    values, masks = [], []
+    for _, _, truth, labels in held_out(setup):
+        truth = truth[:, setup.chunk_frames:]
+        values.append(frame_psnr(truth.mean(dim=(2, 3), keepdim=True).expand_as(truth), truth))
+        masks.append(labels)
+    return by_label(torch.stack(values), masks)
 
 
 def gap_closed(results: dict[str, VariantResult], metric: str = "revisit", forced: bool = False) -> dict[str, float]:
@@ -205,17 +218,19 @@ def gap_closed(results: dict[str, VariantResult], metric: str = "revisit", force
 
 
 def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | None = None, export: str | None = None,
-                      console=None, progress: bool = True) -> dict[str, VariantResult]:
-    """Train and evaluate each variant in turn; with ``out_dir``, write the table and plots there."""
-    torch.manual_seed(setup.seed)
-    results, strips = {}, {}
+                      console=None, progress: bool = True, command: str = "memkit bench quality"
+                      ) -> dict[str, VariantResult]:
+    """Train and evaluate each variant in turn; with ``out_dir``, write the table and plots there (with the
+    model-free baseline and ``command``); with ``export``, save each trained model there."""
+    check_setup(setup, variants)
+    results = {}
     t_start = time.perf_counter()
     for kind in variants:
         if console is not None:
             console.print(f"[bold]{kind}[/bold]: training {setup.steps} steps ...")
-        world, seconds, final = train_variant(setup, kind, progress=progress)
+        world, seconds, final = train_variant(setup, kind, progress=progress, console=console)
         result = VariantResult(kind, seconds, final)
-        result.first_video = strips[kind] = evaluate(world, setup, result)[0]
+        result.first_video = evaluate(world, setup, result)[0]
         results[kind] = result
         if console is not None:
             console.print(f"  {kind}: {seconds:.0f} s, loss {final:.3f}, PSNR revisit {result.psnr['revisit']:.2f} "
@@ -228,8 +243,39 @@ def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | Non
                                            "setup": asdict(setup)}})
     wall = time.perf_counter() - t_start
     if out_dir is not None:
-        write_report(results, setup, strips, out_dir, wall)
+        baseline = flat_baseline(setup)
+        written = write_report(results, setup, {k: r.first_video for k, r in results.items()}, out_dir, wall,
+                               command=command, baseline=baseline)
+        if console is not None:
+            console.print(results_markdown(results, setup, wall, command, baseline), markup=False, soft_wrap=True)
+            for path in written:
+                console.print(f"wrote {path}")
     return results
+
+
+def check_setup(setup: QualitySetup, variants) -> None:
+    """Refuse, before any training, a setup whose training or evaluation cannot do what the benchmark needs."""
+    from memkit.errors import ConfigError
+    from memkit.train.losses.rolling import global_read_frames
+
+    F = setup.chunk_frames
+    if setup.clip_frames % F or setup.eval_frames % F:
+        raise ConfigError(f"--clip-frames and --eval-frames must be whole chunks of {F} frames")
+    if setup.eval_frames < 2 * F:
+        raise ConfigError(f"--eval-frames must cover at least two chunks ({2 * F} frames)")
+    if len(set(variants)) != len(variants):
+        raise ConfigError(f"--variants lists a variant twice: {' '.join(variants)}")
+    if setup.clip_frames > TRAIN_FRAMES:
+        raise ConfigError(f"--clip-frames must be at most the training videos' {TRAIN_FRAMES} frames, "
+                          f"got {setup.clip_frames}")
+    if setup.eval_frames > ROPE_FRAMES:
+        raise ConfigError(f"--eval-frames must be at most {ROPE_FRAMES} (the backbone's RoPE table), "
+                          f"got {setup.eval_frames}")
+    needed = global_read_frames(setup.sink_frames, setup.window_frames, F)
+    if any(v.startswith("hybrid") for v in variants) and setup.clip_frames < needed:
+        raise ConfigError(f"--clip-frames {setup.clip_frames}: a hybrid's global memory is first read by frame "
+                          f"{needed - F} (sink {setup.sink_frames} + window {setup.window_frames}, chunks of {F}), "
+                          f"so training clips need at least {needed} frames or it never learns")
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -261,7 +307,7 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
     return "\n".join([
         f"Command: `{command}`  ",
         f"Budget per variant: {budget}; evaluation: {setup.eval_videos} held-out worlds x {setup.eval_frames} "
-        f"frames ({setup.eval_frames // (setup.sink_frames + setup.window_frames)}x the local memory of "
+        f"frames ({setup.eval_frames / (setup.sink_frames + setup.window_frames):.1f}x the local memory of "
         f"{setup.sink_frames} sink + {setup.window_frames} window frames), {setup.sampling_steps}-step sampling. "
         "PSNR in dB against the ground truth: free rollouts from the first chunk, and (true past) each chunk "
         "sampled from the true frames before it.  ",
@@ -336,7 +382,8 @@ def plot_strip(videos: dict[str, torch.Tensor], setup: QualitySetup, path) -> No
 
     source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)
     truth = source.read(0, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"]
-    labels = source.labels(0, window=setup.window_frames, sink=setup.sink_frames)
+    labels = source.labels(0, window=setup.window_frames, sink=setup.sink_frames,
+                               chunk=setup.chunk_frames)
     candidates = [t for t in range(setup.chunk_frames, setup.eval_frames) if labels["revisit"][t]]
     picks = (candidates[:: max(1, len(candidates) // 6)][:6]
              or list(range(setup.chunk_frames, setup.eval_frames, 12))[:6])
@@ -375,14 +422,15 @@ def add_quality_parser(bsub) -> None:
     q = bsub.add_parser("quality", help="train every memory variant on a procedural world under one budget and "
                                         "measure how well it reproduces places it saw long ago")
     q.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    q.add_argument("--steps", type=positive_int, default=d.steps, help=f"training steps per variant ({d.steps})")
-    q.add_argument("--batch", type=positive_int, default=d.batch)
-    q.add_argument("--clip-frames", type=positive_int, default=d.clip_frames, help="frames per training clip")
-    q.add_argument("--lr", type=positive_float, default=d.lr)
-    q.add_argument("--eval-videos", type=positive_int, default=d.eval_videos, help="held-out worlds")
-    q.add_argument("--eval-frames", type=positive_int, default=d.eval_frames, help="frames per held-out rollout")
-    q.add_argument("--seed", type=nonnegative_int, default=d.seed)
-    q.add_argument("--quick", action="store_true", help="a tiny model and budget (checks the pipeline; learns nothing)")
+    q.add_argument("--steps", type=positive_int, help=f"training steps per variant ({d.steps})")
+    q.add_argument("--batch", type=positive_int, help=f"clips per step ({d.batch})")
+    q.add_argument("--clip-frames", type=positive_int, help=f"frames per training clip ({d.clip_frames})")
+    q.add_argument("--lr", type=positive_float, help=f"learning rate ({d.lr})")
+    q.add_argument("--eval-videos", type=positive_int, help=f"held-out worlds ({d.eval_videos})")
+    q.add_argument("--eval-frames", type=positive_int, help=f"frames per held-out rollout ({d.eval_frames})")
+    q.add_argument("--seed", type=nonnegative_int, help=f"seed of weights, data and sampling ({d.seed})")
+    q.add_argument("--quick", action="store_true", help="a tiny model and budget (checks the pipeline; learns "
+                                                         "nothing); the flags above still apply")
     q.add_argument("--out", default="docs/results", help="folder for quality.md/.json/.png (default: docs/results)")
     q.add_argument("--export", default=None, help="also save each trained model here (world_<variant>.safetensors)")
     q.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -394,17 +442,13 @@ def run_quality_command(args, console) -> int:
     import shlex
     import sys
 
-    from memkit.errors import ConfigError
     from memkit.outputs import check_output_folder
 
-    changes = dict(steps=args.steps, batch=args.batch, clip_frames=args.clip_frames, lr=args.lr,
-                   eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
+    flags = dict(steps=args.steps, batch=args.batch, clip_frames=args.clip_frames, lr=args.lr,
+                 eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
     base = quick_setup() if args.quick else QualitySetup()
-    setup = replace(base, **{k: v for k, v in changes.items() if v != getattr(QualitySetup(), k)})
-    if setup.clip_frames % setup.chunk_frames or setup.eval_frames % setup.chunk_frames:
-        raise ConfigError(f"--clip-frames and --eval-frames must be whole chunks of {setup.chunk_frames} frames")
-    if setup.eval_frames < 2 * setup.chunk_frames:
-        raise ConfigError(f"--eval-frames must cover at least two chunks ({2 * setup.chunk_frames} frames)")
+    setup = replace(base, **{k: v for k, v in flags.items() if v is not None})
+    check_setup(setup, args.variants)
     folder = check_output_folder(args.out, "--out", REPORT_FILES, overwrite=args.overwrite)
     if args.export is not None:
         check_output_folder(args.export, "--export", [f"world_{k}.safetensors" for k in args.variants],
@@ -412,20 +456,11 @@ def run_quality_command(args, console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console.print(f"memkit bench quality: {len(args.variants)} variants x {setup.steps} training steps")
-    t0 = time.perf_counter()
-    results, strips = {}, {}
-    for kind in args.variants:
-        part = run_quality_bench(setup, [kind], export=args.export, console=console, progress=sys.stderr.isatty())
-        results.update(part)
-        strips[kind] = part[kind].first_video
-    command = "memkit bench quality " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == [
-        "bench", "quality"] else "memkit bench quality"
-    wall = time.perf_counter() - t0
-    baseline = flat_baseline(setup)
-    written = write_report(results, setup, strips, folder, wall, command=command.strip(), baseline=baseline)
-    console.print(results_markdown(results, setup, wall, command.strip(), baseline), markup=False, soft_wrap=True)
-    for path in written:
-        console.print(f"wrote {path}")
+    command = "memkit bench quality"
+    if sys.argv[1:3] == ["bench", "quality"]:
+        command = " ".join([command, *(shlex.quote(a) for a in sys.argv[3:])])
+    run_quality_bench(setup, args.variants, out_dir=folder, export=args.export, console=console,
+                      progress=sys.stderr.isatty(), command=command)
     return 0
 
 

@@ -203,6 +203,7 @@ class ClipDataModule(L.LightningDataModule):
             self.requirements = module.data_requirements()
         reqs = self.requirements
         self._temporal, self._spatial = 1, 1
+        self._check_action_source()
         if self._encodes:
             self._load_vae()
         elif self.source.modality == "video" and reqs.channels != 3:
@@ -215,6 +216,22 @@ class ClipDataModule(L.LightningDataModule):
             raise DataError("data.source holds no videos")
         if not self.skip_bad_samples:  # fail now, not after the first training steps
             ClipDataset(self.source, self, random_crop=False)[0]
+
+    def _check_action_source(self) -> None:
+        """A source whose prompts are per-frame actions (``WorldVideos``): each chunk must hold one action."""
+        action_frames = getattr(self.source, "action_frames", None)
+        if action_frames is None:
+            return
+        if self.vae_path is not None:  # 4 video frames make one latent frame: a chunk's action is ambiguous
+            raise ConfigError("data.source conditions on per-frame actions, which need a pixel-space backbone; "
+                              "data.vae is set")
+        if self.prompt_path is not None:
+            raise ConfigError("data.source gives each chunk its action as the prompt; data.prompt_embeds would be "
+                              "ignored, so leave it unset")
+        chunk = self.requirements.chunk_frames
+        if action_frames % chunk:
+            raise ConfigError(f"data.source changes action every {action_frames} frames, which is not a whole "
+                              f"number of the model's {chunk}-frame chunks: a chunk would straddle two actions")
 
     def _load_vae(self) -> None:
         from diffusers import AutoencoderKLWan

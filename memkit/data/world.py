@@ -145,9 +145,9 @@ class WorldVideos(ClipSource):
                       self.view_cells)
         return {"video": video, "actions": self.actions(index)[window]}
 
-    def labels(self, index: int, window: int | None = None, sink: int = 0) -> dict[str, torch.Tensor]:
+    def labels(self, index: int, window: int | None = None, sink: int = 0, chunk: int = 1) -> dict[str, torch.Tensor]:
         """Revisit labels of every frame of item ``index``: :func:`revisit_labels` of its camera path."""
-        return revisit_labels(self.positions(index), self.view_cells, self.world_cells, window, sink)
+        return revisit_labels(self.positions(index), self.view_cells, self.world_cells, window, sink, chunk)
 
     def _generator(self, purpose: str, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed_of(self.seed, index, purpose))
@@ -315,7 +315,7 @@ def action_embeddings(text_dim: int, tokens: int = 4) -> torch.Tensor:
 
 
 def revisit_labels(positions: torch.Tensor, view_cells: int, world_cells: int, window: int | None = None,
-                   sink: int = 0) -> dict[str, torch.Tensor]:
+                   sink: int = 0, chunk: int = 1) -> dict[str, torch.Tensor]:
     """Ground truth of what each frame of a camera path shows again, from its positions alone.
 
     positions: (frames, 2) integer camera positions, the (row, col) cell of the view's top-left corner; taken
@@ -323,6 +323,8 @@ def revisit_labels(positions: torch.Tensor, view_cells: int, world_cells: int, w
         cells from it.
     window, sink: a local memory that holds the previous ``window`` frames and the first ``sink`` frames; adds
         the labels of where each cell's content can come from.
+    chunk: frames generated together. A frame of a chunk starting at ``c`` reads the ``window`` frames before
+        ``c`` (and the sink), not its own chunk's earlier frames, which are made with it.
 
     Returns, per frame ``t``:
         ``seen_before`` (bool): an earlier frame had exactly the same camera position (so the same frame).
@@ -340,6 +342,7 @@ def revisit_labels(positions: torch.Tensor, view_cells: int, world_cells: int, w
     world_cells = check_positive_int("world_cells", world_cells)
     if world_cells < view_cells:
         raise ConfigError(f"world_cells ({world_cells}) must be at least view_cells ({view_cells})")
+    check_positive_int("chunk", chunk)
     for name, value in (("window", window), ("sink", sink)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -365,31 +368,34 @@ def revisit_labels(positions: torch.Tensor, view_cells: int, world_cells: int, w
         "novel_fraction": torch.tensor(novel_fraction, dtype=torch.float32),
     }
     if window is not None:
-        recalled, new = _origins(views, window, sink, world_cells)
+        recalled, new = _origins(views, window, sink, chunk, world_cells)
         labels.update(recalled_fraction=recalled / cells, new_fraction=new / cells,
                       revisit=recalled >= cells / 2, new=new >= cells / 2)
     return labels
 
 
-def _origins(views: list[torch.Tensor], window: int, sink: int, world_cells: int):
+def _origins(views: list[torch.Tensor], window: int, sink: int, chunk: int, world_cells: int):
     """Per frame, how many of its view's cells are of recalled and of new origin (see :func:`revisit_labels`)."""
     RECALLED, NEW = 1, 2
-    in_window = torch.zeros(world_cells * world_cells, dtype=torch.long)  # views among frames t - window .. t - 1
+    in_window = torch.zeros(world_cells * world_cells, dtype=torch.long)  # views among the window's frames
     in_sink = torch.zeros(world_cells * world_cells, dtype=torch.bool)
-    seen = torch.zeros(world_cells * world_cells, dtype=torch.bool)
+    seen = torch.zeros(world_cells * world_cells, dtype=torch.bool)  # by the frames before the chunk
     origin = torch.zeros(world_cells * world_cells, dtype=torch.long)
     recalled, new = [], []
-    for t, view in enumerate(views):
-        out_of_reach = view[(in_window[view] == 0) & ~in_sink[view]]
-        origin[out_of_reach] = torch.where(seen[out_of_reach], RECALLED, NEW)
-        recalled.append(int((origin[view] == RECALLED).sum()))
-        new.append(int((origin[view] == NEW).sum()))
-        seen[view] = True
-        if t < sink:
-            in_sink[view] = True
-        in_window[view] += 1
-        if t - window >= 0:
-            in_window[views[t - window]] -= 1
+    for c0 in range(0, len(views), chunk):
+        c1 = min(len(views), c0 + chunk)
+        for view in views[c0:c1]:
+            out_of_reach = view[(in_window[view] == 0) & ~in_sink[view]]
+            origin[out_of_reach] = torch.where(seen[out_of_reach], RECALLED, NEW)
+            recalled.append(int((origin[view] == RECALLED).sum()))
+            new.append(int((origin[view] == NEW).sum()))
+        for t in range(c0, c1):  # the chunk is committed: the window now holds frames c1 - window .. c1 - 1
+            seen[views[t]] = True
+            if t < sink:
+                in_sink[views[t]] = True
+            in_window[views[t]] += 1
+            if t - window >= 0:
+                in_window[views[t - window]] -= 1
     return torch.tensor(recalled, dtype=torch.float32), torch.tensor(new, dtype=torch.float32)
 
 

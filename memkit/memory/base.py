@@ -227,11 +227,16 @@ class Memory(nn.Module):
             raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")
 
 
+def default_frame_shape(frame_tokens: int) -> tuple[int, int]:
+    """The most nearly square token grid (rows <= columns) with ``frame_tokens`` tokens."""
+    rows = max(r for r in range(1, math.isqrt(frame_tokens) + 1) if frame_tokens % r == 0)
+    return rows, frame_tokens // rows
+
+
 def _frame_shape(shape, frame_tokens: int) -> tuple[int, int]:
-    """The token grid (rows, columns) of a frame: as given, or the most nearly square one with ``frame_tokens``."""
+    """The token grid (rows, columns) of a frame: as given, or :func:`default_frame_shape`."""
     if shape is None:
-        rows = max(r for r in range(1, math.isqrt(frame_tokens) + 1) if frame_tokens % r == 0)
-        return rows, frame_tokens // rows
+        return default_frame_shape(frame_tokens)
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2
             and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
         raise ConfigError(f"build_memory: frame_shape must be (rows, columns) of tokens, got {shape!r}")

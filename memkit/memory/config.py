@@ -81,6 +81,8 @@ class MemoryConfig:
     def _check_halflife(self):
         value = self.halflife_frames
         try:
+            if not isinstance(value, (tuple, list)):
+                raise TypeError
             lo, hi = (float(v) for v in value)
         except (TypeError, ValueError):
             raise ConfigError(f"MemoryConfig.halflife_frames must be (shortest, longest), got {value!r}") from None

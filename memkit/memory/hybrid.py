@@ -78,8 +78,10 @@ class HybridMemory(LocalMemory):
 
     def initial_rates(self) -> torch.Tensor:
         """Per head, the initial per-frame log-retention rate ``ln 2 / half-life`` (half-lives log-spaced over
-        ``halflife_frames``, fastest head first)."""
+        ``halflife_frames``, fastest head first; a single head takes the longest, as a global memory)."""
         lo, hi = self.cfg.halflife_frames
+        if self.num_heads == 1:
+            return torch.tensor([math.log(2.0) / hi])
         return math.log(2.0) / torch.logspace(math.log10(lo), math.log10(hi), self.num_heads)
 
     @functools.cached_property

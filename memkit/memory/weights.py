@@ -18,6 +18,7 @@ log = logging.getLogger("memkit.memory")
 
 # Config fields that choose kernels or checks, not what the weights mean.
 _RUNTIME_FIELDS = ("attention_backend", "scan_backend", "check_finite")
+_INIT_FIELDS = ("halflife_frames",)  # only set the weights' initial values, which the file's weights replace
 
 
 def memory_modules(model: nn.Module) -> dict[str, Memory]:
@@ -72,7 +73,7 @@ def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tru
                     f"{path} is for another memory: layer {name} has {key}={s.get(key)!r} in the file, "
                     f"{here[key]!r} in the model"
                 )
-        diff = _config_diff(s.get("config", {}), m.cfg)
+        diff = _config_diff(s.get("config", {}), m)
         if diff and strict:
             raise CheckpointError(f"{path} was saved with another memory config ({diff}); "
                                   f"pass strict=False to load the weights anyway")
@@ -97,10 +98,13 @@ def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tru
                 t.copy_(sub[p])
 
 
-def _config_diff(saved: dict, cfg: MemoryConfig) -> str:
-    here = cfg.to_dict()
-    keys = [k for k in here if k not in _RUNTIME_FIELDS and saved.get(k) != here[k]]
-    return ", ".join(f"{k}: file {saved.get(k)!r}, model {here[k]!r}" for k in keys)
+def _config_diff(saved: dict, mem: Memory) -> str:
+    """The config fields that differ between a file and ``mem``. A field the file lacks (saved before the field
+    existed) counts as its default; ``blocks`` counts only for memories that use it."""
+    here, defaults = mem.cfg.to_dict(), MemoryConfig().to_dict()
+    skip = {*_RUNTIME_FIELDS, *_INIT_FIELDS, *(() if getattr(mem, "spatial", False) else ("blocks",))}
+    keys = [k for k in here if k not in skip and saved.get(k, defaults[k]) != here[k]]
+    return ", ".join(f"{k}: file {saved.get(k, defaults[k])!r}, model {here[k]!r}" for k in keys)
 
 
 def _names(names) -> str:

@@ -45,6 +45,7 @@ class WorldModel:
 
         self.backbone_spec, self.memory, self.frame_size = backbone, memory, tuple(frame_size)
         self.chunk_frames, self.prompt_len = chunk_frames, prompt_len
+        self.meta: dict = {}  # what the file it was loaded from says (training budget, setup)
         self.model = model if model is not None else load_backbone(backbone, device=device).model
         if model is None or not hasattr(self.model, "_memkit_handle"):
             self.handle = adapters.inject(self.model, memory, chunk_frames, latent_size=self.frame_size,
@@ -111,7 +112,7 @@ class WorldModel:
         history: the true frames ``(3, >= frames, H, W)``; if given, each sampled chunk is returned but the true
         chunk is committed in its place, so every chunk is predicted from the true past (no drift: what the
         memory recalls, not how errors compound)."""
-        from memkit.data.world import action_embeddings
+        from memkit.data.world import ACTIONS, action_embeddings
 
         F = self.chunk_frames
         if first.dim() != 4 or first.shape[0] != 3 or tuple(first.shape[2:]) != self.frame_size:
@@ -122,6 +123,13 @@ class WorldModel:
                               f"first <= frames")
         if actions.dim() != 1 or len(actions) < frames:
             raise ShapeError(f"actions must be one per frame, at least ({frames},); got {tuple(actions.shape)}")
+        if actions.dtype != torch.long or actions.min() < 0 or actions.max() >= len(ACTIONS):
+            raise ConfigError(f"actions must be long action ids in [0, {len(ACTIONS)}) ({', '.join(ACTIONS)}); got "
+                              f"{actions.dtype} in [{actions.min().item()}, {actions.max().item()}]")
+        if history is not None and (history.dim() != 4 or history.shape[0] != 3 or history.shape[1] < frames
+                                    or tuple(history.shape[2:]) != self.frame_size):
+            raise ShapeError(f"history must be the true frames (3, >= {frames}, {self.frame_size[0]}, "
+                             f"{self.frame_size[1]}), got {tuple(history.shape)}")
         schedule = schedule or FlowSchedule()
         device, dtype = self.device, next(self.model.parameters()).dtype
         table = action_embeddings(self.handle.dims.text_dim, self.prompt_len).to(device, dtype)

@@ -30,6 +30,30 @@ class StepTimer(L.Callback):
         self._seen += 1
 
 
+class ProgressLines(L.Callback):
+    """Progress for logs, where a progress bar cannot draw: about ``lines`` calls of ``emit`` over the run, each
+    with the step, the mean training loss since the last line and the seconds per step."""
+
+    def __init__(self, emit, lines: int = 20):
+        self.emit, self.lines = emit, lines
+        self._losses, self._t0 = [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0, self._since = time.perf_counter(), trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self._losses.append(float(loss))
+        step, total = trainer.global_step, trainer.max_steps
+        every = max(1, total // self.lines) if total and total > 0 else 50
+        if step % every == 0 or step == total:
+            now = time.perf_counter()
+            per_step = (now - self._t0) / max(1, step - self._since)
+            mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+            self.emit(f"step {step}/{total}: loss {mean:.4f}, {per_step:.2f} s/step")
+            self._losses, self._t0, self._since = [], now, step
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":

@@ -25,6 +25,13 @@ from .teacher_forcing import chunk_losses
 log = logging.getLogger("memkit.train")
 
 
+def global_read_frames(sink: int, window: int, chunk: int) -> int:
+    """The frames a stream needs before one of its chunks reads a global memory that holds something: a frame
+    leaves the window (into the global memory) in the commit of the chunk holding frame ``sink + window``, and the
+    chunk after that is the first to read it."""
+    return ((sink + window) // chunk + 2) * chunk
+
+
 class RollingMemory(TrainingLoss):
     """Truncated BPTT through the memory state over ``tbptt_chunks`` chunks (see the module docstring)."""
 
@@ -44,13 +51,23 @@ class RollingMemory(TrainingLoss):
     def attach(self, module):
         mem = module.handle.memories[0]
         if isinstance(mem, HybridMemory):
+            F = module.handle.chunk_frames
             # A token enters the window in one chunk's commit, leaves it ceil(window / chunk) commits later, and
             # is first read by the chunk after that: all inside one segment for its write gates to get gradient.
-            needed = math.ceil(mem.window_frames / module.handle.chunk_frames) + 2
+            needed = math.ceil(mem.window_frames / F) + 2
             if self.tbptt_chunks < needed:
                 log.warning("loss.tbptt_chunks=%d: the global memory's write gates get gradient only through "
                             "segments of >= %d chunks (window %d frames, chunks of %d)", self.tbptt_chunks, needed,
-                            mem.window_frames, module.handle.chunk_frames)
+                            mem.window_frames, F)
+            self._first_read = global_read_frames(mem.sink_frames, mem.window_frames, F) // F
+            self._warned = False
+
+    def _check_clip(self, chunks: int) -> None:
+        first_read = getattr(self, "_first_read", None)
+        if first_read is not None and chunks < first_read and not self._warned:
+            self._warned = True
+            log.warning("clips of %d chunks: the global memory is first read by chunk %d of a clip, so it never "
+                        "takes part in training; use longer clips", chunks, first_read)
 
     def _segments(self, chunks: int) -> list[tuple[int, int]]:
         return [(c0, min(chunks, c0 + self.tbptt_chunks)) for c0 in range(0, chunks, self.tbptt_chunks)]
@@ -59,6 +76,7 @@ class RollingMemory(TrainingLoss):
         x0, prompt = module.prepare(batch)
         F = module.handle.chunk_frames
         chunks = x0.shape[2] // F
+        self._check_clip(chunks)
         state = None
         losses = []
         for c0, c1 in self._segments(chunks):
