@@ -129,8 +129,7 @@ def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.
     panels = {"ground truth": truth, **videos}
     with VideoWriter(video_path, fps=fps) as writer:
         writer.write(side_by_side(panels, actions))
-    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames,
-                               chunk=setup.chunk_frames)
+    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
     plot_drift(psnr, labels["revisit"], setup.chunk_frames, fps, plot_path)
     console.print(f"video written to {video_path} (left to right: {', '.join(panels)})")
     console.print(f"drift plot written to {plot_path}")

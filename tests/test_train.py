@@ -184,6 +184,17 @@ def test_clips_too_short_for_the_global_memory_are_warned_and_really_never_read_
     assert any(g is not None and g.abs().sum() > 0 for g in enough)
 
 
+def test_progress_lines_report_steps_and_the_mean_loss_since_the_last_line():
+    from memkit.train.callbacks import ProgressLines
+
+    lines = []
+    module = fixed_noise(module_for(TeacherForcing(), memory=memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1,
+                                                                                  window_frames=3)))
+    fit(module, fixed_batch(frames=6), steps=4, callbacks=[ProgressLines(lines.append, lines=2)])
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("loss " in line and " s/step" in line and "nan" not in line for line in lines)
+
+
 def test_sink_window_has_nothing_to_train_and_the_error_says_so():
     with pytest.raises(ConfigError, match="no parameters to train.*hybrid_gdn"):
         module_for(TeacherForcing(), memory=memkit.MemoryConfig(kind="sink_window"))

@@ -382,8 +382,7 @@ def plot_strip(videos: dict[str, torch.Tensor], setup: QualitySetup, path) -> No
 
     source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)
     truth = source.read(0, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"]
-    labels = source.labels(0, window=setup.window_frames, sink=setup.sink_frames,
-                               chunk=setup.chunk_frames)
+    labels = source.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
     candidates = [t for t in range(setup.chunk_frames, setup.eval_frames) if labels["revisit"][t]]
     picks = (candidates[:: max(1, len(candidates) // 6)][:6]
              or list(range(setup.chunk_frames, setup.eval_frames, 12))[:6])
