@@ -124,8 +124,7 @@ class HybridMemory(LocalMemory):
 
     def _readout(self, tensors, q: torch.Tensor) -> torch.Tensor:
         """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames), in the state dtype."""
-        M = tensors["global.M"]
-        return torch.einsum("bnhk,bhkv->bnhv", l2norm(q.to(M.dtype)), M)
+        return read_state(tensors["global.M"], q)
 
     def _global_read(self, tensors, q, x, t):
         r = self._readout(tensors, q)
@@ -147,10 +146,13 @@ class HybridMemory(LocalMemory):
         return out
 
     def _write(self, M, evicted: dict[str, torch.Tensor]) -> torch.Tensor:
-        ev = self._aggregate(evicted)
-        gates = {n: ev[n] for n in self.gate_names}
-        k = l2norm(ev["k"].to(M.dtype)).to(ev["k"].dtype)
-        return self._scan(M, k, ev["v"], gates)
+        return self._write_items(M, self._aggregate(evicted))
+
+    def _write_items(self, M, items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scan the writes ``items`` (``{"k", "v", gates}``, in time order) into the state ``M``."""
+        gates = {n: items[n] for n in self.gate_names}
+        k = l2norm(items["k"].to(M.dtype)).to(items["k"].dtype)
+        return self._scan(M, k, items["v"], gates)
 
     def recall(self, tensors: dict[str, torch.Tensor], evicted: dict[str, torch.Tensor]):
         """What the global state returns for each write of an evicted payload (``{"k", "v", gates}`` of whole
@@ -158,8 +160,7 @@ class HybridMemory(LocalMemory):
         well the state still holds those frames (see :func:`memkit.memory.retention`)."""
         ev = self._aggregate(evicted)
         M = tensors["global.M"]
-        read = torch.einsum("bnhk,bhkv->bnhv", l2norm(ev["k"].to(M.dtype)), M)
-        return read, ev["v"].to(M.dtype)
+        return read_state(M, ev["k"]), ev["v"].to(M.dtype)
 
     def _global_write(self, tensors, evicted):
         tensors["global.M"] = self._write(tensors["global.M"], evicted)
@@ -180,6 +181,11 @@ class HybridMemory(LocalMemory):
             sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
             outs.append(self._global_read({"global.M": M}, q[:, sl], x[:, sl], c0))
         return torch.cat(outs, dim=1)
+
+
+def read_state(M: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``l2norm(q) M`` for keys or queries ``q (B, N, H, D)`` and a state ``M (B, H, D, D)``, in the state dtype."""
+    return torch.einsum("bnhk,bhkv->bnhv", l2norm(q.to(M.dtype)), M)
 
 
 def block_grid(frame_shape: tuple[int, int], blocks: int, kind: str) -> torch.Tensor:

@@ -15,10 +15,9 @@ import functools
 import torch
 
 from memkit.errors import ConfigError
-from memkit.ops import gated_delta_rule
 from memkit.state import state_dtype
 
-from .hybrid import block_grid, l2norm
+from .hybrid import block_grid, l2norm, read_state
 from .hybrid_gdn import HybridGDNMemory
 from .registry import register_memory
 
@@ -67,14 +66,8 @@ class HybridBlockwiseMemory(HybridGDNMemory):
         groups = self._groups(evicted)
         if len({g["k"].shape[1] for g in groups}) == 1:  # equal blocks: one scan over (batch x blocks)
             stacked = {name: torch.stack([g[name] for g in groups], dim=1).flatten(0, 1) for name in groups[0]}
-            return self._scan_block(M.flatten(0, 1), stacked).unflatten(0, M.shape[:2])
-        return torch.stack([self._scan_block(M[:, b], g) for b, g in enumerate(groups)], dim=1)
-
-    def _scan_block(self, M, writes):
-        k = l2norm(writes["k"].to(M.dtype)).to(writes["k"].dtype)
-        _, M = gated_delta_rule(k, k, writes["v"], writes["g"], writes["beta"], initial_state=M,
-                                output_final_state=True, backend=self.cfg.scan_backend)
-        return M
+            return self._write_items(M.flatten(0, 1), stacked).unflatten(0, M.shape[:2])
+        return torch.stack([self._write_items(M[:, b], g) for b, g in enumerate(groups)], dim=1)
 
     def _readout(self, tensors, q):
         M = tensors["global.M"]
@@ -93,7 +86,7 @@ class HybridBlockwiseMemory(HybridGDNMemory):
         M = tensors["global.M"]
         reads, values = [], []
         for b, g in enumerate(self._groups(evicted)):
-            reads.append(torch.einsum("bnhk,bhkv->bnhv", l2norm(g["k"].to(M.dtype)), M[:, b]))
+            reads.append(read_state(M[:, b], g["k"]))
             values.append(g["v"].to(M.dtype))
         return torch.cat(reads, dim=1), torch.cat(values, dim=1)
 
