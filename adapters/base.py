@@ -18,6 +18,7 @@ chunk. Everything else is here:
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,11 +30,13 @@ import torch
 from torch import nn
 
 from memkit.errors import AdapterError, ConfigError, DeviceError, DTypeError, ShapeError, StateMismatchError
-from memkit.memory import Memory, MemoryConfig, build_memory
-from memkit.ops import TabulatedRope3D
-from memkit.ops._checks import check_finite
+from memkit.memory import LocalMemory, Memory, MemoryConfig, build_memory
+from memkit.memory.local import PreparedChunk
+from memkit.ops import TabulatedRope3D, backends
+from memkit.ops._checks import autocast_dtype, check_finite
 from memkit.state import MemoryState, StreamState
 
+log = logging.getLogger("memkit.adapters")
 HANDLE_ATTR = "_memkit_handle"
 _MISSING = object()
 MEMORY_ATTR = "memory"
@@ -90,6 +93,17 @@ class BackboneAdapter:
         """A processor for the cross-attention that caches prompt K/V, or None to keep the original."""
         return None
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order (what :meth:`AdapterHandle.compile` compiles)."""
+        raise NotImplementedError
+
+    def begin_fast_pass(self, handle: AdapterHandle, encoder_hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Before a fast pass: look up what the blocks would otherwise find through Python bookkeeping (the prompt's
+        cross-attention K/V), so that a compiled block runs without it."""
+
+    def end_fast_pass(self, handle: AdapterHandle) -> None:
+        """After a fast pass: drop what :meth:`begin_fast_pass` set up."""
+
     # -- one forward ---------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 **kwargs) -> torch.Tensor:
@@ -122,6 +136,7 @@ class _Pass:
     prompt_key: int | None
     chunk_ids: torch.Tensor | None = None
     new_states: list = field(default_factory=list)
+    prepared: list[PreparedChunk] | None = None  # the fast path's per-layer chunks (read and commit passes)
 
 
 class MemorySelfAttention:
@@ -139,7 +154,13 @@ class MemorySelfAttention:
         # (SkyReels-V2's num_frame_per_block) and its rotary tables for frames 0.. are not used here.
         backbone = self.handle.backbone
         q, k, v = backbone.self_attention_qkv(attn, hidden_states)
-        y = self.handle._mix(self.index, getattr(attn, MEMORY_ATTR), q, k, v, hidden_states)
+        mem = getattr(attn, MEMORY_ATTR)
+        chunk = mem._prepared
+        if chunk is not None:  # the fast path of a chunk loop (AdapterHandle.read / commit)
+            mix = mem.commit_prepared if chunk.commit else mem.read_prepared
+            y = mix(chunk, q, k, v, hidden_states)
+        else:
+            y = self.handle._mix(self.index, mem, q, k, v, hidden_states)
         return backbone.self_attention_out(attn, y, like=q)
 
 
@@ -152,7 +173,8 @@ class AdapterHandle:
     """
 
     def __init__(self, model: nn.Module, backbone: BackboneAdapter, cfg: MemoryConfig, chunk_frames: int,
-                 latent_size: tuple[int, int] | None, freeze_backbone: bool, memory_dtype: torch.dtype | None = None):
+                 latent_size: tuple[int, int] | None, freeze_backbone: bool, memory_dtype: torch.dtype | None = None,
+                 fast: bool = True):
         if not isinstance(cfg, MemoryConfig):
             raise ConfigError(f"inject needs a memkit.MemoryConfig, got {type(cfg).__name__}")
         if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
@@ -215,6 +237,11 @@ class AdapterHandle:
         self._prompts: OrderedDict[int, tuple[tuple[torch.Tensor, ...], tuple[int, ...]]] = OrderedDict()
         self._prompt_ids = itertools.count()
         self._rope: tuple[tuple, TabulatedRope3D] | None = None
+        #: run read and commit passes without gradient on the fast path (see :meth:`read`); False: the reference
+        self.fast = bool(fast)
+        self._chunk_cache: tuple[StreamState, tuple, list[PreparedChunk]] | None = None
+        self._compiled: list[tuple[nn.Module, object]] = []  # (block, its compiled call before ours)
+        self._logged: set = set()
         self.removed = False
         object.__setattr__(model, HANDLE_ATTR, self)  # a plain attribute, not a submodule
 
@@ -254,20 +281,29 @@ class AdapterHandle:
         param = next(self.model.parameters())
         device = param.device if device is None else torch.device(device)
         if dtype is None:
-            autocast = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast else param.dtype
+            dtype = autocast_dtype(device.type) or param.dtype
         return StreamState(tuple(mem.init_state(batch, device=device, dtype=dtype) for mem in self.memories))
 
     def read(self, state: StreamState, latents, timestep, encoder_hidden_states, **kwargs) -> torch.Tensor:
-        """The model's prediction for a noisy chunk given the memory before it (a denoising pass)."""
-        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True)
-        with self._running("read", state, encoder_hidden_states, kwargs):
+        """The model's prediction for a noisy chunk given the memory before it (a denoising pass).
+
+        Without gradient and with :attr:`fast` on (the default), the passes of a chunk (the reads of one state,
+        then its commit) share their preparation: held keys and values are gathered once per chunk, the global
+        memories are written together after the commit, and the finite check of the inputs runs once, at the
+        commit, so that no pass waits for the device. It computes what the reference path computes.
+        """
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True,
+                              finite=not self._fast_pass("read"))
+        with self._running("read", state, encoder_hidden_states, kwargs, frames=latents.shape[2]):
             return self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
 
     def commit(self, state: StreamState, latents, timestep, encoder_hidden_states,
                **kwargs) -> tuple[torch.Tensor, StreamState]:
-        """What ``read`` returns for this chunk, and the stream advanced past it (the context pass)."""
-        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True)
+        """What ``read`` returns for this chunk, and the stream advanced past it (the context pass). On the fast
+        path the finite check of the latents and the prediction runs after the pass: the chunk's one wait for the
+        device; a non-finite chunk is refused and ``state`` stays as it is."""
+        t = self._check_chunk(state, latents, timestep, encoder_hidden_states, exact=True,
+                              finite=not self._fast_pass("commit"))
         return self._commit(state, latents, t, encoder_hidden_states, **kwargs)
 
     def prefill(self, state: StreamState, latents, encoder_hidden_states, timestep=0.0, **kwargs) -> StreamState:
@@ -389,6 +425,23 @@ class AdapterHandle:
     def remove(self) -> None:
         remove(self.model)
 
+    def compile(self, **options) -> None:
+        """Compile every block with ``torch.compile(**options)`` (in place, like ``nn.Module.compile``) for the
+        fast path, whose per-block step has no graph break. Other passes (training, recache, ``fast=False``) run
+        the same blocks eagerly. ``remove`` (or ``compile(disable=True)``) undoes it."""
+        self._check_live()
+        _uncompile(self)
+        if options.pop("disable", False):
+            return
+        try:
+            blocks = self.backbone.blocks()
+        except NotImplementedError:
+            raise AdapterError(f"the {self.backbone.name} adapter does not list its blocks (BackboneAdapter.blocks), "
+                               f"so they cannot be compiled") from None
+        self._compiled = [(block, block._compiled_call_impl) for block in blocks]
+        for block in blocks:
+            block.compile(**options)
+
     # -- the processors' side -----------------------------------------------------------------
     def rope(self) -> TabulatedRope3D:
         """The backbone's RoPE tables for this injection's frame grid (one object per table, shared by layers)."""
@@ -432,27 +485,96 @@ class AdapterHandle:
         return None if self._pass is None else self._pass.prompt_key
 
     # -- internals ------------------------------------------------------------------------
+    def _fast_pass(self, mode: str) -> bool:
+        """Whether a pass of ``mode`` runs on the fast path now."""
+        return (self.fast and mode in ("read", "commit") and not torch.is_grad_enabled()
+                and all(isinstance(m, LocalMemory) for m in self.memories))
+
+    def _prepared_chunks(self, state: StreamState, frames: int) -> list[PreparedChunk]:
+        """The layers' prepared chunks for ``frames`` frames after ``state``: built by the first pass of the chunk,
+        reused by the rest of it."""
+        rope = self.rope()
+        key = (frames, rope, torch.is_inference_mode_enabled())
+        cached = self._chunk_cache
+        if cached is not None and cached[0] is state and cached[1] == key:
+            return cached[2]
+        self._chunk_cache = None
+        chunks = [mem.prepare(layer, frames, rope) for mem, layer in zip(self.memories, state.layers)]
+        self._chunk_cache = (state, key, chunks)  # holding the state keeps its id from being reused
+        self._log_kernels_once(chunks[0].keys)
+        return chunks
+
+    def _log_kernels_once(self, like: torch.Tensor) -> None:
+        """One log line, at the first fast pass on a device and dtype, naming the kernels it runs and why the
+        accelerated ones are not used (say, on a CPU or without fla)."""
+        key = (like.device, like.dtype)
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        mem = self.memories[0]
+        attention = "SDPA" if mem.cfg.attention_backend in ("auto", "torch") else mem.cfg.attention_backend
+        parts = [f"attention {attention}"]
+        kernels = getattr(mem, "scan_kernels", ())
+        if kernels:
+            scan = mem.cfg.scan_backend
+            if scan == "auto":
+                reasons = {name: backends.why_not(name, like.device, like.dtype) for name in kernels}
+                scan = next((name for name, why in reasons.items() if why is None), None)
+                if scan is None:
+                    scan = "torch (" + "; ".join(f"{n}: {why}" for n, why in reasons.items()) + ")"
+            parts.append(f"global-memory scan {scan}")
+        compiled = "compiled blocks" if self._compiled else "eager blocks"
+        log.info("memkit fast path on %s %s, %s: %s", like.device, str(like.dtype).removeprefix("torch."),
+                 compiled, ", ".join(parts))
+
     @contextmanager
-    def _running(self, mode: str, state: StreamState, encoder_hidden_states, kwargs: dict, chunk_ids=None):
+    def _running(self, mode: str, state: StreamState, encoder_hidden_states, kwargs: dict, chunk_ids=None,
+                 frames: int | None = None):
         if self._pass is not None:
             raise AdapterError("this adapter is already running a pass (re-entrant call)")
         conditioning = (encoder_hidden_states, *(v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)))
         p = _Pass(mode, state.layers, self._prompt_id(conditioning), chunk_ids, [None] * len(self.memories))
+        if frames is not None and self._fast_pass(mode):
+            p.prepared = self._prepared_chunks(state, frames)
+            for mem, chunk in zip(self.memories, p.prepared):
+                chunk.commit, chunk.payload = mode == "commit", None
+                mem._prepared = chunk
         self._pass = p
         try:
-            yield p
+            if p.prepared is None:
+                if self._compiled:
+                    with torch.compiler.set_stance("force_eager"):  # the reference path is not made to be compiled
+                        yield p
+                else:
+                    yield p
+            else:
+                self.backbone.begin_fast_pass(self, encoder_hidden_states, kwargs)
+                yield p
         finally:
             self._pass = None
-        if mode != "read" and any(s is None for s in p.new_states):
+            if p.prepared is not None:
+                self.backbone.end_fast_pass(self)
+            for mem in self.memories:
+                mem._prepared = None
+        if mode != "read" and p.prepared is None and any(s is None for s in p.new_states):
             raise AdapterError(f"the {mode} pass did not reach every injected block")
 
     def _commit(self, state, latents, t, encoder_hidden_states, **kwargs):
-        with self._running("commit", state, encoder_hidden_states, kwargs) as p:
+        with self._running("commit", state, encoder_hidden_states, kwargs, frames=latents.shape[2]) as p:
             pred = self.backbone.forward(latents, t, encoder_hidden_states, **kwargs)
+        self._chunk_cache = None  # the chunk is over (its buffers go)
+        if p.prepared is None:
+            layers = tuple(p.new_states)
+        else:
+            if any(chunk.payload is None for chunk in p.prepared):
+                raise AdapterError("the commit pass did not reach every injected block")
+            if self.cfg.check_finite:
+                check_finite(latents=latents, prediction=pred)
+            layers = tuple(type(self.memories[0]).commit_many(self.memories, p.prepared))
         F = latents.shape[2]
         cursor = state.cursor + F
         context = self._held_context(state, latents, t, cursor)
-        return pred, state.replace(layers=tuple(p.new_states), cursor=cursor, context=context)
+        return pred, state.replace(layers=layers, cursor=cursor, context=context)
 
     def _held_context(self, state: StreamState, latents, t, cursor: int) -> dict[str, torch.Tensor]:
         """The clean latents (with frame index, chunk id and timestep) of the frames held after a commit.
@@ -479,8 +601,9 @@ class AdapterHandle:
         if len(keep) == len(new["frames"]):
             return new
         idx = torch.tensor(keep)
-        return {"latents": new["latents"][:, :, idx.to(latents.device)], "frames": new["frames"][idx],
-                "chunks": new["chunks"][idx], "timestep": new["timestep"][:, idx.to(latents.device)]}
+        on_device = idx.to(latents.device, non_blocking=True)  # a host-to-device copy that waits for nothing
+        return {"latents": new["latents"][:, :, on_device], "frames": new["frames"][idx],
+                "chunks": new["chunks"][idx], "timestep": new["timestep"][:, on_device]}
 
     def _prompt_id(self, conditioning: tuple[torch.Tensor, ...]) -> int | None:
         """One id per set of conditioning tensors (the prompt, and an image context where there is one).
@@ -506,9 +629,10 @@ class AdapterHandle:
         if self.removed:
             raise AdapterError("this adapter was removed from its model; inject again to use it")
 
-    def _check_chunk(self, state, latents, timestep, encoder_hidden_states, exact: bool) -> torch.Tensor:
+    def _check_chunk(self, state, latents, timestep, encoder_hidden_states, exact: bool,
+                     finite: bool = True) -> torch.Tensor:
         self.check_state(state)
-        self._check_latents(latents, exact)
+        self._check_latents(latents, exact, finite)
         if latents.shape[0] != state.layers[0].batch:
             raise StateMismatchError(
                 f"the state holds {state.layers[0].batch} streams but the latents have batch {latents.shape[0]}"
@@ -516,7 +640,7 @@ class AdapterHandle:
         if latents.device != state.layers[0].device:
             raise DeviceError(f"latents are on {latents.device} but the state on {state.layers[0].device}")
         self._check_prompt(encoder_hidden_states, latents)
-        return self._timestep(timestep, latents)
+        return self._timestep(timestep, latents, finite)
 
     def check_state(self, state) -> None:
         """Raise if ``state`` cannot continue on this adapter (layers, configs, cursor)."""
@@ -552,7 +676,7 @@ class AdapterHandle:
         if diffs:
             raise StateMismatchError("this stream state was made with another memory setup: " + "; ".join(diffs))
 
-    def _check_latents(self, latents, exact: bool) -> None:
+    def _check_latents(self, latents, exact: bool, finite: bool = True) -> None:
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
         d = self.dims
@@ -578,9 +702,9 @@ class AdapterHandle:
             raise DTypeError(f"latents must be floating point, got {latents.dtype}")
         if latents.device != param.device:
             raise DeviceError(f"latents are on {latents.device} but the model on {param.device}")
-        if latents.dtype != param.dtype and not torch.is_autocast_enabled(latents.device.type):
+        if latents.dtype != param.dtype and autocast_dtype(latents.device.type) is None:
             raise DTypeError(f"latents are {latents.dtype} but the model is {param.dtype}")
-        if self.cfg.check_finite:
+        if self.cfg.check_finite and finite:
             check_finite(latents=latents)
 
     def _check_prompt(self, encoder_hidden_states, latents) -> None:
@@ -600,7 +724,7 @@ class AdapterHandle:
                 f"encoder_hidden_states is on {encoder_hidden_states.device}, latents on {latents.device}"
             )
 
-    def _timestep(self, timestep, latents) -> torch.Tensor:
+    def _timestep(self, timestep, latents, finite: bool = True) -> torch.Tensor:
         """``(B,)`` for a timestep shared by the chunk's frames, ``(B, F)`` for one per frame (float32)."""
         B, F = latents.shape[0], latents.shape[2]
         if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
@@ -615,7 +739,7 @@ class AdapterHandle:
         elif t.shape not in ((B,), (B, F)):
             raise ShapeError(f"timestep must be a number, (B,) = ({B},) or per frame (B, F) = ({B}, {F}); "
                              f"got {tuple(t.shape)}")
-        if (self.cfg.check_finite or on_host) and not bool(torch.isfinite(t).all()):
+        if ((self.cfg.check_finite and finite) or on_host) and not bool(torch.isfinite(t).all()):
             raise ConfigError("timestep contains NaN or Inf")
         return t
 
@@ -631,7 +755,7 @@ def backbone_for(model: nn.Module) -> type[BackboneAdapter]:
 
 
 def inject(model: nn.Module, cfg: MemoryConfig, chunk_frames: int = 3, *, latent_size: tuple[int, int] | None = None,
-           freeze_backbone: bool = False, memory_dtype: torch.dtype | None = None) -> AdapterHandle:
+           freeze_backbone: bool = False, memory_dtype: torch.dtype | None = None, fast: bool = True) -> AdapterHandle:
     """Put a memory of config ``cfg`` into every block of ``model``, in place, and return its handle.
 
     latent_size: (height, width) of the latent frames the stream will have (it sizes the memories'
@@ -639,11 +763,13 @@ def inject(model: nn.Module, cfg: MemoryConfig, chunk_frames: int = 3, *, latent
     freeze_backbone: turn off gradients of every backbone parameter (restored by ``remove``).
     memory_dtype: dtype of the memories' parameters; defaults to the model's. Training keeps them float32
         (master weights) beside a bf16 backbone and runs under autocast (Lightning's ``bf16-mixed``).
+    fast: run the chunk loop's passes on the fast path (see :meth:`AdapterHandle.read`); ``handle.fast`` switches
+        it later. False runs the reference path in every pass.
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise AdapterError("this model already has a memkit adapter injected; adapters.remove(model) first")
     return AdapterHandle(model, backbone_for(model)(model), cfg, chunk_frames, latent_size, freeze_backbone,
-                         memory_dtype)
+                         memory_dtype, fast)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -658,8 +784,16 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _uncompile(handle: AdapterHandle) -> None:
+    for block, before in getattr(handle, "_compiled", ()):  # a half-done injection has none yet
+        block._compiled_call_impl = before
+    handle._compiled = []
+
+
 def _restore(model: nn.Module, handle: AdapterHandle) -> None:
-    """Put back what injection changed: processors, memories (if added), requires_grad flags, checkpointing."""
+    """Put back what injection changed: processors, memories (if added), requires_grad flags, checkpointing,
+    compiled blocks."""
+    _uncompile(handle)
     if handle._checkpointing is not None:
         _restore_checkpointing(handle._checkpointing)
         handle._checkpointing = None

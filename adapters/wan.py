@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from memkit.errors import ConfigError
+from memkit.ops._checks import autocast_dtype
 
 from .base import AdapterHandle, BackboneAdapter, Dims, register_backbone
 
@@ -93,6 +94,9 @@ class CachedCrossAttention:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
         self._cache: OrderedDict = OrderedDict()
+        # The pass in progress's K/V, looked up before it starts (WanAdapter.begin_fast_pass), so that a compiled
+        # block finds them without running the cache's Python bookkeeping.
+        self.prepared: tuple[torch.Tensor, ...] | None = None
 
     def _key_value(self, attn, text, image):
         def compute():
@@ -112,7 +116,7 @@ class CachedCrossAttention:
             return compute()
         weights = tuple((p.data_ptr(), p._version) for p in attn.parameters())
         device = text.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocast = autocast_dtype(device)
         full_key = (key, weights, text.dtype, text.device, torch.is_inference_mode_enabled(), autocast)
         if full_key not in self._cache:
             if len(self._cache) >= 2:
@@ -131,7 +135,7 @@ class CachedCrossAttention:
             split = encoder_hidden_states.shape[1] - TEXT_CONTEXT_LENGTH
             image, text = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        kv = self._key_value(attn, text, image)
+        kv = self.prepared if self.prepared is not None else self._key_value(attn, text, image)
 
         def attend(k, v, mask):
             out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
@@ -166,6 +170,25 @@ class WanAdapter(BackboneAdapter):
 
     def rope_tables(self):
         return self.model.rope.freqs_cos, self.model.rope.freqs_sin
+
+    def blocks(self):
+        return list(self.model.blocks)
+
+    def begin_fast_pass(self, handle, encoder_hidden_states, kwargs):
+        # The prompt's K/V per block, from the model's own text (and image) projection: cached per prompt, so only
+        # the projection runs again, once per pass instead of inside every block.
+        cond = self.model.condition_embedder
+        text, image = cond.text_embedder(encoder_hidden_states), kwargs.get("encoder_hidden_states_image")
+        for _, cross in self.attention_modules():
+            proc = cross.processor
+            if isinstance(proc, CachedCrossAttention):
+                img = None if cross.add_k_proj is None or image is None else cond.image_embedder(image)
+                proc.prepared = proc._key_value(cross, text, img)
+
+    def end_fast_pass(self, handle):
+        for _, cross in self.attention_modules():
+            if isinstance(cross.processor, CachedCrossAttention):
+                cross.processor.prepared = None
 
     def self_attention_qkv(self, attn, hidden_states):
         return _heads(attn, *_qkv(attn, hidden_states))

@@ -129,6 +129,9 @@ def add_generate_parser(sub) -> None:
     out.add_argument("--save-latents", help="also save the generated latents (safetensors)")
     out.add_argument("--save-state", help="save the stream at the end (continue it with --resume)")
     out.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--low-vram", action="store_true",
+                     help="bounded GPU memory: the VAE waits on the CPU and comes to the GPU per chunk, the text "
+                          "encoder's memory is released once the prompts are encoded; peak memory per part is reported")
     gen.add_argument("--device", default=default_device(), help="default: cuda when available, else cpu")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(fn=run_generate)
@@ -294,8 +297,9 @@ def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: boo
 
 # -- building: the backbone, the adapter and the generator ----------------------------------------------------------
 def load_backbone(settings: dict, device: torch.device, decode: bool, text_encoder: str | None,
-                  console: Console) -> Backbone:
-    """The transformer (and a VAE and text encoder when the checkpoint folder has them)."""
+                  console: Console, vae_device: torch.device | None = None) -> Backbone:
+    """The transformer (and a VAE, on ``vae_device`` or ``device``, and text encoder when the checkpoint folder has
+    them)."""
     from adapters.loading import BackboneSpec
     from adapters.loading import load_backbone as build
     from memkit.rollout.vae import tiny_wan_vae
@@ -305,10 +309,11 @@ def load_backbone(settings: dict, device: torch.device, decode: bool, text_encod
                         seed=settings["backbone_seed"], dtype=settings["dtype"])
     loaded = build(spec, device=device)
     model = loaded.model
+    vae_device = vae_device or device
     vae_path = Path(settings["vae"]) if settings["vae"] else None
     if spec.checkpoint is None:
-        vae = None if not decode else _load_vae(vae_path, dtype, device) if vae_path else \
-            tiny_wan_vae(z_dim=model.config.in_channels, dtype=dtype).to(device)
+        vae = None if not decode else _load_vae(vae_path, dtype, vae_device) if vae_path else \
+            tiny_wan_vae(z_dim=model.config.in_channels, dtype=dtype).to(vae_device)
         what = (f"a randomly initialised {spec.family} backbone (size {spec.size!r}, seed {spec.seed}; random "
                 f"weights: the video is noise-like; pass --checkpoint for a real model)")
         return Backbone(model, vae, Path(text_encoder) if text_encoder else None, what, True)
@@ -320,7 +325,7 @@ def load_backbone(settings: dict, device: torch.device, decode: bool, text_encod
         root = ckpt if (ckpt / "transformer").is_dir() else ckpt.parent
         vae_path = vae_path or (root / "vae" if (root / "vae").is_dir() else None)
         encoder = root / "text_encoder" if (root / "text_encoder").is_dir() else None
-    vae = None if not decode or vae_path is None else _load_vae(vae_path, dtype, device)
+    vae = None if not decode or vae_path is None else _load_vae(vae_path, dtype, vae_device)
     return Backbone(model, vae, Path(text_encoder) if text_encoder else encoder, loaded.description, False)
 
 
@@ -339,8 +344,10 @@ def load_prompts(args, backbone: Backbone, seed: int, console: Console) -> dict[
         if backbone.text_encoder is None:
             raise ConfigError("--prompt needs a text encoder: pass --text-encoder PATH (a local UMT5 folder), "
                               "or precomputed embeddings with --prompt-embeds")
-        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=str(next(backbone.model.parameters())
-                                                                                 .device))
+        param = next(backbone.model.parameters())  # the encoder runs once, in the model's dtype, then is freed
+        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=str(param.device), dtype=param.dtype)
+        if param.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the encoder's memory back before the stream needs it
         return {f"{i}: {text[:40]}": e[None] for i, (text, e) in enumerate(zip(args.prompt, embeds))}
     if not backbone.random:
         raise ConfigError("a real checkpoint needs prompts: --prompt-embeds FILE or --prompt TEXT")
@@ -357,8 +364,10 @@ def run_generate(args, console: Console) -> int:
 
     plan = plan_generate(args)
     s = plan.settings
+    from memkit.rollout.generator import PeakMemory
+
     backbone = load_backbone(s, plan.device, decode=not args.no_decode, text_encoder=args.text_encoder,
-                             console=console)
+                             console=console, vae_device=torch.device("cpu") if args.low_vram else None)
     console.print(f"backbone: {backbone.description}")
     model = backbone.model
     s["height"] = s["height"] or backbone.default_size[0]
@@ -370,20 +379,24 @@ def run_generate(args, console: Console) -> int:
     if s["memory_weights"]:
         memkit.load_memory(model, s["memory_weights"])
     new_prompts = bool(args.prompt or args.prompt_embeds or not plan.resume)
-    schedule = PromptSchedule(load_prompts(args, backbone, s["seed"], console), args.switch) if new_prompts else None
+    peaks = PeakMemory(plan.device)
+    with peaks.measure("text encoder"):
+        schedule = PromptSchedule(load_prompts(args, backbone, s["seed"], console), args.switch) \
+            if new_prompts else None
     steps = FlowSchedule(tuple(s["steps"]), s["shift"])
     if plan.resume is not None:
         _check_backbone(plan.resume, handle, args.resume)
         gen = StreamingGenerator.from_state(handle, plan.resume.to(plan.device), schedule, switches=(),
                                             seed=s["seed"], vae=backbone.vae, schedule=steps,
-                                            context_noise=s["context_noise"], progress=not args.quiet)
+                                            context_noise=s["context_noise"], progress=not args.quiet,
+                                            vae_offload=args.low_vram)
         verb = "forking" if plan.fork else "resuming"
         console.print(f"{verb} after chunk {gen.chunks_done} ({gen.cursor} latent frames, "
                       f"{_stream_seconds(gen.cursor):.2f} s) of {args.resume}")
         decoder_fresh = backbone.vae is not None and "decoder" not in plan.resume.info  # decoding restarts
     else:
         gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=s["context_noise"], seed=s["seed"],
-                                 vae=backbone.vae, progress=not args.quiet)
+                                 vae=backbone.vae, progress=not args.quiet, vae_offload=args.low_vram)
         decoder_fresh = False  # fresh only at cursor 0: after a prefix the decoder goes on from it
     prefix = load_prefix(args.prefix, backbone.vae, handle, console) if args.prefix else None
     cursor = gen.cursor + (0 if prefix is None else prefix.shape[2])
@@ -414,6 +427,9 @@ def run_generate(args, console: Console) -> int:
             writer.abort()
         raise
     _write_outputs(args, plan, gen, writer, kept, console)
+    peaks.peaks.update(gen.peak_memory.peaks)
+    if peaks.peaks:
+        console.print(f"peak GPU memory: {peaks.describe()}")
     return 0
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from memkit.errors import ConfigError, DeviceError, DTypeError, ShapeError, StateMismatchError
 from memkit.ops import Rope3D
-from memkit.ops._checks import check_finite, check_same_device, check_same_dtype, check_shape
+from memkit.ops._checks import autocast_dtype, check_finite, check_same_device, check_same_dtype, check_shape
 from memkit.state import MemoryState
 
 from .config import MemoryConfig
@@ -38,6 +38,9 @@ class Memory(nn.Module):
         self.num_heads, self.head_dim, self.dim, self.frame_tokens = num_heads, head_dim, dim, frame_tokens
         self.frame_shape = _frame_shape(frame_shape, frame_tokens)
         self._layouts: dict[tuple[int, torch.dtype], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+        # The prepared chunk of the fast pass in progress (set by an adapter around each pass of a chunk loop,
+        # where its attention processor finds it without knowing the layer's index), else None.
+        self._prepared = None
 
     # The config fields that decide what a state holds; others (the router horizon, backends) may change
     # between saving a state and resuming it.
@@ -178,7 +181,7 @@ class Memory(nn.Module):
             raise DeviceError(f"{self.kind} memory parameters are on {param.device} but inputs on {q.device}; "
                               f"call memory.to(device) first")
         # The parameters act on x. Under autocast, float32 parameters with half-precision x are normal.
-        if param is not None and param.dtype != x.dtype and not torch.is_autocast_enabled(q.device.type):
+        if param is not None and param.dtype != x.dtype and autocast_dtype(q.device.type) is None:
             raise DTypeError(
                 f"{self.kind} memory parameters are {param.dtype} but x is {x.dtype}; "
                 f"call memory.to(dtype) first, or run under torch.autocast"
@@ -198,14 +201,19 @@ class Memory(nn.Module):
     def _check_state(self, state: MemoryState, q) -> None:
         if not isinstance(state, MemoryState):
             raise TypeError(f"state must be a MemoryState (from init_state or commit), got {type(state).__name__}")
+        if state.batch != q.shape[0] and state.fingerprint == self.fingerprint:
+            raise StateMismatchError(f"state holds {state.batch} streams but the chunk has batch {q.shape[0]}")
+        self._check_state_layout(state, state.batch, q.dtype, q.device)
+
+    def _check_state_layout(self, state: MemoryState, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise unless ``state`` holds this memory's tensors for ``batch`` streams of ``dtype`` tokens on
+        ``device``."""
         if state.fingerprint != self.fingerprint:
             raise StateMismatchError(
                 f"this state belongs to a {state.kind} memory of config {state.fingerprint}; this {self.kind} "
                 f"memory has config {self.fingerprint}"
             )
-        if state.batch != q.shape[0]:
-            raise StateMismatchError(f"state holds {state.batch} streams but the chunk has batch {q.shape[0]}")
-        expected = self._layout(state.batch, q.dtype)
+        expected = self._layout(batch, dtype)
         if set(expected) != set(state.tensors):
             raise StateMismatchError(
                 f"state tensors {sorted(state.tensors)} do not match this memory's {sorted(expected)}"
@@ -223,8 +231,8 @@ class Memory(nn.Module):
                     f"state tensor {name!r} is {got.dtype} but this chunk needs {want_dtype}; "
                     f"use state.to(dtype) or init_state(dtype=...)"
                 )
-        if state.device != q.device:
-            raise DeviceError(f"state is on {state.device} but the chunk is on {q.device}; use state.to(device)")
+        if state.device != device:
+            raise DeviceError(f"state is on {state.device} but the chunk is on {device}; use state.to(device)")
 
 
 def default_frame_shape(frame_tokens: int) -> tuple[int, int]:

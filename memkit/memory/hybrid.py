@@ -67,6 +67,18 @@ class HybridMemory(LocalMemory):
         self.router_b = nn.Parameter(torch.zeros(H))
         if self.spatial:
             block_grid(self.frame_shape, cfg.blocks, self.kind)  # a grid too fine for the frame fails here
+        self._constants: dict = {}
+
+    def _constant(self, name: str, make, device, dtype=None):
+        """A constant of this memory (pooling weights, token indices; ``make()`` builds it on the CPU) on ``device``,
+        copied there once, without waiting for the device (the host tensor stays alive in its cache)."""
+        key = (name, device, dtype)
+        if key not in self._constants:
+            with torch.inference_mode(False):  # cached: it must be usable with autograd later
+                value = make()
+                move = lambda t: t.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
+                self._constants[key] = [move(t) for t in value] if isinstance(value, list) else move(value)
+        return self._constants[key]
 
     @property
     def spatial(self) -> bool:
@@ -127,11 +139,18 @@ class HybridMemory(LocalMemory):
         return read_state(tensors["global.M"], q)
 
     def _global_read(self, tensors, q, x, t):
+        return self._global_mix(tensors, q, x, self.router(t))
+
+    def _global_mix(self, tensors, q, x, gamma):
         r = self._readout(tensors, q)
         r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
         r = r.to(q.dtype) * self.norm_weight
         gate = F.silu(rearrange(self.out_gate(x), "b n (h d) -> b n h d", h=self.num_heads))
-        return (self.router(t)[:, None] * gate * r).to(q.dtype)
+        return (gamma[:, None] * gate * r).to(q.dtype)
+
+    def _global_gamma(self, tensors, t):
+        # Until a frame leaves the window the state is all zeros and the read adds exactly zero: skip it.
+        return self.router(t) if t > self.sink_frames + self.window_frames else None
 
     def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Evicted tokens ``(B, frames * T, ...)`` -> the frames' writes ``(B, frames * W, ...)``, each gate divided by
@@ -141,7 +160,8 @@ class HybridMemory(LocalMemory):
         for name, e in evicted.items():
             if pooling is not None:
                 frames = e.unflatten(1, (-1, self.frame_tokens))
-                e = torch.einsum("wt,bft...->bfw...", pooling.to(e), frames).flatten(1, 2)
+                weights = self._constant("pooling", lambda: pooling, e.device, e.dtype)
+                e = torch.einsum("wt,bft...->bfw...", weights, frames).flatten(1, 2)
             out[name] = e if name in ("k", "v") or W == 1 else e / W
         return out
 
@@ -164,6 +184,22 @@ class HybridMemory(LocalMemory):
 
     def _global_write(self, tensors, evicted):
         tensors["global.M"] = self._write(tensors["global.M"], evicted)
+
+    #: whether the scan reads the layer's own parameters (then layers cannot share one scan)
+    write_uses_parameters: bool = False
+
+    @classmethod
+    def _global_write_many(cls, memories, tensors, evicted):
+        """The layers' writes as one scan over ``layers x batch`` streams: the gates were computed when the tokens
+        entered the window, so a write needs no parameter of its layer (unless ``write_uses_parameters``)."""
+        if cls.write_uses_parameters or len(memories) == 1:
+            return super()._global_write_many(memories, tensors, evicted)
+        batch = tensors[0]["global.M"].shape[0]
+        M = torch.cat([layer["global.M"] for layer in tensors])
+        joined = {name: torch.cat([ev[name] for ev in evicted]) for name in evicted[0]}
+        # Clones: each state owns its tensors (safetensors refuses tensors that share storage).
+        for layer, new in zip(tensors, memories[0]._write(M, joined).split(batch)):
+            layer["global.M"] = new.clone()
 
     def _global_parallel(self, q, k, v, x, chunk_frames):
         T, S, W = self.frame_tokens, self.sink_frames, self.window_frames

@@ -50,10 +50,10 @@ class HybridBlockwiseMemory(HybridGDNMemory):
     def _groups(self, evicted: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Per block, its writes ``(B, n_b, ...)`` in time order, each gate divided by the block's writes per frame."""
         groups = []
-        for idx in self._block_tokens:
+        for idx in self._constant("block_tokens", lambda: self._block_tokens, next(iter(evicted.values())).device):
             group = {}
             for name, e in evicted.items():
-                part = e.unflatten(1, (-1, self.frame_tokens))[:, :, idx.to(e.device)]  # (B, frames, tokens, ...)
+                part = e.unflatten(1, (-1, self.frame_tokens))[:, :, idx]  # (B, frames, tokens, ...)
                 if self.cfg.evict_aggregate == "frame_mean":
                     group[name] = part.mean(dim=2)
                 else:
@@ -72,10 +72,10 @@ class HybridBlockwiseMemory(HybridGDNMemory):
     def _readout(self, tensors, q):
         M = tensors["global.M"]
         qn = l2norm(q.to(M.dtype)).unflatten(1, (-1, self.frame_tokens))  # (B, frames, T, H, D)
-        parts = [torch.einsum("bfthk,bhkv->bfthv", qn[:, :, idx.to(q.device)], M[:, b])
-                 for b, idx in enumerate(self._block_tokens)]
+        blocks = self._constant("block_tokens", lambda: self._block_tokens, q.device)
+        parts = [torch.einsum("bfthk,bhkv->bfthv", qn[:, :, idx], M[:, b]) for b, idx in enumerate(blocks)]
         by_block = torch.cat(parts, dim=2)  # tokens grouped by block; put them back in raster order
-        return by_block[:, :, self._raster_order.to(q.device)].flatten(1, 2)
+        return by_block[:, :, self._constant("raster_order", lambda: self._raster_order, q.device)].flatten(1, 2)
 
     @functools.cached_property
     def _raster_order(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memkit.ops import gated_delta_rule
+from memkit.ops import gated_delta_rule_state
 from memkit.state import state_dtype
 
 from .hybrid import HybridMemory, inverse_softplus
@@ -46,8 +46,4 @@ class HybridGDNMemory(HybridMemory):
         return {"g": g.to(sdt), "beta": torch.sigmoid(self.b_proj(x)).to(sdt)}
 
     def _scan(self, M, k, v, gates):
-        _, M = gated_delta_rule(
-            k, k, v, gates["g"], gates["beta"], initial_state=M,
-            output_final_state=True, backend=self.cfg.scan_backend,
-        )
-        return M
+        return gated_delta_rule_state(k, v, gates["g"], gates["beta"], initial_state=M, backend=self.cfg.scan_backend)

@@ -10,16 +10,46 @@ memories feed into their global state.
 Subclasses with a global memory override the ``_global_*`` hooks and
 ``_token_gates`` (per-token values computed when a token enters the window and
 carried beside its K/V until it is evicted: the gate cache).
+
+The fast path of a chunk loop (:meth:`LocalMemory.prepare`) computes what ``read`` and ``commit`` compute,
+but shares the work of a chunk's passes: the held keys and values are gathered (and, with cache-relative
+RoPE, rotated) once per chunk into a buffer with free slots for the chunk, the router weight is computed
+once, the global read is skipped while the global state is still empty, and a commit hands back what to
+append instead of appending it, so that :meth:`LocalMemory.commit_many` updates every layer's global state
+in one batched scan.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from memkit.errors import DTypeError, ShapeError, StateMismatchError
 from memkit.ops import attention, backends
-from memkit.state import state_dtype
+from memkit.ops.rope import Rope3D, rotate
+from memkit.state import MemoryState, state_dtype
 
 from .base import Memory
+
+
+@dataclass(eq=False)
+class PreparedChunk:
+    """What the passes of one chunk share on one layer (built by :meth:`LocalMemory.prepare`, read by
+    :meth:`LocalMemory.read_prepared` and :meth:`LocalMemory.commit_prepared`).
+
+    ``keys`` / ``values`` hold the held frames as attention sees them, followed by free slots that each pass
+    fills with the chunk's own keys and values: a scratch buffer, never part of a state.
+    """
+
+    state: MemoryState
+    keys: torch.Tensor            # (B, held + chunk tokens, H, D)
+    values: torch.Tensor
+    held: int                     # tokens held; the chunk's slots start here
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin rotating the chunk's q and k (None: they come rotated)
+    gamma: torch.Tensor | None    # (H,) router weight of the global read; None while the global state is empty
+    commit: bool = False          # whether the pass in progress commits (set by the caller per pass)
+    payload: dict[str, torch.Tensor] | None = None  # what a commit pass appends, for commit_many
 
 
 class LocalMemory(Memory):
@@ -50,6 +80,19 @@ class LocalMemory(Memory):
 
     def _global_read(self, tensors, q, x, t: int) -> torch.Tensor | None:
         return None
+
+    def _global_gamma(self, tensors, t: int) -> torch.Tensor | None:
+        """The router weight of a chunk's global read after ``t`` frames; None when nothing can be read yet."""
+        return None
+
+    def _global_mix(self, tensors, q, x, gamma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _global_write_many(cls, memories: list, tensors: list[dict], evicted: list[dict]) -> None:
+        """The global writes of several layers committing the same frames; by default one by one."""
+        for mem, layer, ev in zip(memories, tensors, evicted):
+            mem._global_write(layer, ev)
 
     def _global_write(self, tensors: dict, evicted: dict[str, torch.Tensor]) -> None:
         pass
@@ -141,6 +184,80 @@ class LocalMemory(Memory):
         if evicted is not None:
             self._global_write(new_tensors, evicted)
         return y, state.replace(new_tensors, frames=t + q.shape[1] // T)
+
+    # -- the fast path: a chunk's passes share their preparation ---------------------------
+    def prepare(self, state: MemoryState, chunk_frames: int, rope: Rope3D | None = None) -> PreparedChunk:
+        """Build what the passes of the next chunk (``chunk_frames`` frames) share. ``state`` is not changed."""
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState (from init_state or commit), got {type(state).__name__}")
+        k_sink = state.tensors.get("sink.k")
+        if k_sink is None:
+            raise StateMismatchError(f"state tensors {sorted(state.tensors)} are not a {self.kind} memory's")
+        self._check_state_layout(state, state.batch, k_sink.dtype, k_sink.device)
+        T, t = self.frame_tokens, state.frames
+        n_sink, n_win = (n * T for n in self._counts(t))
+        tensors = state.tensors
+        B, _, H, D = k_sink.shape
+        keys, values = (torch.empty(B, n_sink + n_win + chunk_frames * T, H, D, dtype=k_sink.dtype,
+                                    device=k_sink.device) for _ in range(2))
+        for name, buf in (("k", keys), ("v", values)):
+            win = tensors[f"win.{name}"]
+            buf[:, :n_sink] = tensors[f"sink.{name}"][:, :n_sink]
+            buf[:, n_sink: n_sink + n_win] = win[:, win.shape[1] - n_win:]
+        chunk_rope = None
+        if rope is not None:
+            if self.cfg.rope_mode == "relative":
+                held_frames = (n_sink + n_win) // T
+                if held_frames:
+                    keys[:, : n_sink + n_win] = rope(keys[:, : n_sink + n_win], 0)
+                chunk_rope = rope.tables(held_frames, chunk_frames, keys.dtype, keys.device)
+            else:
+                chunk_rope = rope.tables(t, chunk_frames, keys.dtype, keys.device)
+        return PreparedChunk(state, keys, values, n_sink + n_win, chunk_rope, self._global_gamma(tensors, t))
+
+    def read_prepared(self, chunk: PreparedChunk, q, k, v, x) -> torch.Tensor:
+        """What ``read(chunk.state, q, k, v, x, rope)`` returns (``chunk`` from :meth:`prepare`)."""
+        return self._run_prepared(chunk, q, k, v, x)[0]
+
+    def commit_prepared(self, chunk: PreparedChunk, q, k, v, x) -> torch.Tensor:
+        """The output of ``commit(chunk.state, ...)``; what it appends is kept in ``chunk.payload`` for
+        :meth:`commit_many`, which makes the new states."""
+        y, k_cached = self._run_prepared(chunk, q, k, v, x)
+        chunk.payload = {"k": k_cached, "v": v, **self._token_gates(x)}
+        return y
+
+    def _run_prepared(self, chunk: PreparedChunk, q, k, v, x):
+        keys = chunk.keys
+        if q.shape != (keys.shape[0], keys.shape[1] - chunk.held, *keys.shape[2:]) or k.shape != q.shape \
+                or v.shape != q.shape:
+            raise ShapeError(f"this chunk was prepared for q, k, v of shape "
+                             f"{(keys.shape[0], keys.shape[1] - chunk.held, *keys.shape[2:])}, got {tuple(q.shape)}")
+        if q.dtype != keys.dtype or k.dtype != keys.dtype or v.dtype != keys.dtype:
+            raise DTypeError(f"the state holds {keys.dtype} keys but q, k, v are {q.dtype}, {k.dtype}, {v.dtype}")
+        q_att, k_att = (q, k) if chunk.rope is None else (rotate(q, *chunk.rope), rotate(k, *chunk.rope))
+        keys[:, chunk.held:] = k_att
+        chunk.values[:, chunk.held:] = v
+        y = attention(q_att, keys, chunk.values, backend=self.cfg.attention_backend)
+        cached = (q_att, k_att) if self.cfg.rope_mode == "absolute" else (q, k)
+        if chunk.gamma is not None:
+            y = y + self._global_mix(chunk.state.tensors, cached[0], x, chunk.gamma)
+        return y, cached[1]
+
+    @classmethod
+    def commit_many(cls, memories: list, chunks: list[PreparedChunk]) -> list[MemoryState]:
+        """The states after the commit passes of ``chunks`` (one per layer, all of one config and frame count):
+        what ``commit`` returns, with the layers' global writes made together."""
+        tensors, evicted = [], []
+        for mem, chunk in zip(memories, chunks):
+            if chunk.payload is None:
+                raise StateMismatchError("commit_many: a layer's chunk was not committed (no commit pass reached it)")
+            layer = dict(chunk.state.tensors)
+            evicted.append(mem._push(layer, chunk.payload, chunk.state.frames))
+            tensors.append(layer)
+        if evicted[0] is not None:
+            cls._global_write_many(memories, tensors, evicted)
+        return [chunk.state.replace(layer, frames=chunk.state.frames + chunk.payload["k"].shape[1] // mem.frame_tokens)
+                for mem, chunk, layer in zip(memories, chunks, tensors)]
 
     # -- recache (re-encode the held frames, keep the global memory) --------------------
     def _recache(self, state, q, k, v, x, rope, chunk_ids):

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,17 @@ class StreamingGenerator:
     ``AutoencoderKLWan`` to decode chunks as they are made (its causal cache is carried across chunks
     and saved in the state). batch: videos generated side by side. state: a stream to continue (see
     :meth:`from_state`). model_kwargs: extra arguments for every forward of the model
-    (``encoder_hidden_states_image=`` for Wan I2V, ``fps=`` for SkyReels-V2).
+    (``encoder_hidden_states_image=`` for Wan I2V, ``fps=`` for SkyReels-V2). vae_offload: keep the VAE (and its
+    causal cache) where it is, e.g. on the CPU, and bring it to the model's device only to decode a chunk.
+    vae_batch_frames: decode a chunk's latent frames in one decoder call (default: on CUDA; see
+    :class:`~memkit.rollout.vae.StreamingVAEDecoder`). :attr:`peak_memory` records the peak GPU memory of the
+    DiT passes and of the decoding.
     """
 
     def __init__(self, handle, prompts, *, switches=(), schedule: FlowSchedule | None = None,
                  context_noise: float = 0.0, seed: int = 0, vae=None, batch: int = 1, progress: bool = True,
-                 state: StreamState | None = None, model_kwargs: dict | None = None):
+                 state: StreamState | None = None, model_kwargs: dict | None = None, vae_offload: bool = False,
+                 vae_batch_frames: bool | None = None):
         self.handle = handle
         self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule(prompts, switches)
         self.schedule = schedule or FlowSchedule()
@@ -79,7 +85,10 @@ class StreamingGenerator:
         if vae is not None:
             from .vae import StreamingVAEDecoder
 
-            self.decoder = StreamingVAEDecoder(vae)
+            batched = self.device.type == "cuda" if vae_batch_frames is None else bool(vae_batch_frames)
+            self.decoder = StreamingVAEDecoder(vae, batch_frames=batched,
+                                               offload_to=self.device if vae_offload else None)
+        self.peak_memory = PeakMemory(self.device)
         if state is not None:
             handle.check_state(state)
         self._stream = handle.init_state(batch) if state is None else state
@@ -132,7 +141,8 @@ class StreamingGenerator:
     def from_state(cls, handle, state: StreamState | str | os.PathLike, prompts=None, *, switches=(),
                    seed: int | None = None, vae=None, schedule: FlowSchedule | None = None,
                    context_noise: float | None = None, progress: bool = True,
-                   model_kwargs: dict | None = None) -> "StreamingGenerator":
+                   model_kwargs: dict | None = None, vae_offload: bool = False,
+                   vae_batch_frames: bool | None = None) -> "StreamingGenerator":
         """Continue a saved stream. Without ``seed`` the noise is the stream's own (bit-identical to going on
         uninterrupted); with another seed the continuation is a fork. Without ``prompts`` the stream keeps its
         prompt schedule. The denoising schedule and context noise default to the saved stream's."""
@@ -153,7 +163,8 @@ class StreamingGenerator:
             seed = int(sampling["seed"])
         stream = state.replace(prompt_cache={}, decoder={}, info={})
         gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise, seed=seed,
-                  vae=vae, progress=progress, state=stream, model_kwargs=model_kwargs)
+                  vae=vae, progress=progress, state=stream, model_kwargs=model_kwargs, vae_offload=vae_offload,
+                  vae_batch_frames=vae_batch_frames)
         if gen.decoder is not None:
             if "decoder" in info:
                 gen.decoder.load_state_dict(dict(state.decoder), info["decoder"])
@@ -172,8 +183,11 @@ class StreamingGenerator:
             vae = None if self.decoder is None else self.decoder.vae
         # States are values (no pass writes into one), so the fork may share this one's tensors; `state` already
         # copies the one mutable part, the decoder cache.
+        decoder = self.decoder
         return type(self).from_state(self.handle, self.state, self.prompts, seed=seed, vae=vae,
-                                     progress=self.progress, model_kwargs=self.model_kwargs)
+                                     progress=self.progress, model_kwargs=self.model_kwargs,
+                                     vae_offload=decoder is not None and decoder.offload_to is not None,
+                                     vae_batch_frames=None if decoder is None else decoder.batch_frames)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -217,11 +231,15 @@ class StreamingGenerator:
         # A chunk happens whole or not at all: nothing below changes the generator until it has succeeded.
         rng = torch.Generator(device=self.device).manual_seed(chunk_noise_seed(self.seed, start))
         noise = lambda: self._noise(shape, rng)  # noqa: E731
-        x0 = denoise_chunk(h, self._stream, prompt, self.schedule, noise, dtype=self.dtype, model_kwargs=kw)
-        latents = x0.to(self.dtype)
-        stream = commit_chunk(h, self._stream, x0, prompt, self.schedule, noise, dtype=self.dtype,
-                              context_noise=self.context_noise, model_kwargs=kw)
-        video = self.decoder.decode(latents) if self.decoder is not None else None
+        with self.peak_memory.measure("DiT"):
+            x0 = denoise_chunk(h, self._stream, prompt, self.schedule, noise, dtype=self.dtype, model_kwargs=kw)
+            latents = x0.to(self.dtype)
+            stream = commit_chunk(h, self._stream, x0, prompt, self.schedule, noise, dtype=self.dtype,
+                                  context_noise=self.context_noise, model_kwargs=kw)
+        video = None
+        if self.decoder is not None:
+            with self.peak_memory.measure("VAE decode"):
+                video = self.decoder.decode(latents)
         self._stream, self._chunk = stream, c + 1
         return Chunk(c, start, latents, video, self.prompts.names[self.prompts.index_at(c)])
 
@@ -242,6 +260,29 @@ class StreamingGenerator:
                 self._stream = self.handle.recache(self._stream, prompt, **self.model_kwargs)
             self._active = (index, embeds)
         return prompt
+
+
+class PeakMemory:
+    """The peak GPU memory (bytes) of named parts of a stream, each the largest over its runs; nothing on a CPU.
+    Reading and resetting the allocator's peak does not wait for the device."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peaks: dict[str, int] = {}
+
+    @contextmanager
+    def measure(self, name: str):
+        if self.device.type != "cuda":
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value / 2**30:.2f} GiB" for name, value in self.peaks.items())
 
 
 def chunk_noise_seed(seed: int, start_frame: int) -> int:

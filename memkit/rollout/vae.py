@@ -78,9 +78,17 @@ class StreamingVAEDecoder:
     are bit-identical to it whenever ``post_quant_conv`` rounds each position the same whatever the number of frames
     in its input; a dense 1x1x1 conv on some backends does not (see :func:`tiny_wan_vae`), and then they agree to
     that rounding.
+
+    batch_frames: one decoder call per chunk for all its latent frames (the very first frame of a video alone), a
+        few large convolutions instead of many small ones (what :class:`StreamingGenerator` uses on CUDA). The
+        causal convolutions see the same frames with the same cache, so the result equals ``vae.decode``'s up to
+        the backend's shape-dependent rounding (bit-identical in float64 on the CPU).
+
+    offload_to: keep the VAE's weights and the causal cache where they are (say, on the CPU) between chunks and bring
+        them to this device only while a chunk decodes (``memkit generate --low-vram``).
     """
 
-    def __init__(self, vae, *, denormalize: bool = True):
+    def __init__(self, vae, *, denormalize: bool = True, batch_frames: bool = False, offload_to=None):
         for attr in ("decoder", "post_quant_conv", "config"):
             if not hasattr(vae, attr):
                 raise ConfigError(f"StreamingVAEDecoder needs a diffusers AutoencoderKLWan; {type(vae).__name__} "
@@ -88,6 +96,8 @@ class StreamingVAEDecoder:
         _refuse_tiling(vae)
         self.vae = vae
         self.denormalize = bool(denormalize)
+        self.batch_frames = bool(batch_frames)
+        self.offload_to = None if offload_to is None else torch.device(offload_to)
         self._conv_class = _wan_causal_conv_class()
         self._num_slots = sum(isinstance(m, self._conv_class) for m in vae.decoder.modules())
         self.reset()
@@ -122,20 +132,17 @@ class StreamingVAEDecoder:
         """Decode the next ``f_lat`` latent frames (B, z_dim, f_lat, h, w) into video frames (B, 3, f, H, W)."""
         self._check_chunk(latents)
         _refuse_tiling(self.vae)
-        _run_offload_hook(self.vae)
-        device, dtype = _execution_device(self.vae), self.vae.dtype
-        z = latents.to(device=device, dtype=dtype)
-        if self.denormalize:
-            z = denormalize_latents(z, self.vae.config)
-
-        with torch.no_grad():
-            if self.vae.use_slicing and z.shape[0] > 1:
-                # vae.decode decodes each sample on its own then; so do we, with that sample's rows of the cache.
-                pieces = [self._decode_frames(z[b : b + 1], _cache_rows(self._cache, b)) for b in range(z.shape[0])]
-                video = torch.cat([p[0] for p in pieces])
-                cache = _merge_cache_rows([p[1] for p in pieces])
-            else:
-                video, cache = self._decode_frames(z, self._cache)
+        home = None
+        if self.offload_to is not None:
+            home = next(self.vae.parameters()).device
+            self.vae.to(self.offload_to)
+        try:
+            video, cache = self._decode(latents)
+        finally:
+            if home is not None:
+                self.vae.to(home)
+        if home is not None:
+            cache = [c.to(home) if isinstance(c, torch.Tensor) else c for c in cache]
 
         # Commit only after every frame decoded, so a failure mid-chunk leaves the stream where it was.
         self._cache = cache
@@ -145,15 +152,36 @@ class StreamingVAEDecoder:
         self._latent_size = (latents.shape[3], latents.shape[4])
         return video
 
+    def _decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, list]:
+        _run_offload_hook(self.vae)
+        device, dtype = _execution_device(self.vae), self.vae.dtype
+        z = latents.to(device=device, dtype=dtype)
+        if self.denormalize:
+            z = denormalize_latents(z, self.vae.config)
+        cache = self._cache
+        if self.offload_to is not None:
+            cache = [c.to(device) if isinstance(c, torch.Tensor) else c for c in cache]
+        with torch.no_grad():
+            if self.vae.use_slicing and z.shape[0] > 1:
+                # vae.decode decodes each sample on its own then; so do we, with that sample's rows of the cache.
+                pieces = [self._decode_frames(z[b : b + 1], _cache_rows(cache, b)) for b in range(z.shape[0])]
+                return torch.cat([p[0] for p in pieces]), _merge_cache_rows([p[1] for p in pieces])
+            return self._decode_frames(z, cache)
+
     def _decode_frames(self, z: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         cache = list(cache)  # the decoder replaces slots, never writes into the cached tensors
+        # post_quant_conv is 1x1x1, so applying it per frame equals applying it to the whole video (up to the
+        # backend's shape-dependent rounding), and makes the result independent of how the stream is chunked.
+        x = torch.cat([self.vae.post_quant_conv(z[:, :, i: i + 1]) for i in range(z.shape[2])], dim=2)
+        if self.batch_frames:  # the first frame of a video alone (the decoder treats it apart), then all the rest
+            calls = [(0, 1), (1, z.shape[2])] if self._frames_in == 0 else [(0, z.shape[2])]
+        else:
+            calls = [(i, i + 1) for i in range(z.shape[2])]
         frames = []
-        for i in range(z.shape[2]):
-            # post_quant_conv is 1x1x1, so applying it per frame equals applying it to the whole video (up to the
-            # backend's shape-dependent rounding), and makes the result independent of how the stream is chunked.
-            x = self.vae.post_quant_conv(z[:, :, i : i + 1])
-            first = self._frames_in + i == 0
-            frames.append(self.vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first))
+        for a, b in calls:
+            if b > a:
+                first = self._frames_in + a == 0
+                frames.append(self.vae.decoder(x[:, :, a:b], feat_cache=cache, feat_idx=[0], first_chunk=first))
         video = torch.cat(frames, dim=2)
         patch_size = self.vae.config.get("patch_size", None)
         if patch_size is not None:

@@ -16,7 +16,12 @@ from memkit.ops._checks import check_same_device, check_same_dtype, check_shape
 from .chunk import chunk_gated_delta_rule_torch
 from .naive import compute_dtype, naive_recurrent_gated_delta_rule
 
-__all__ = ["gated_delta_rule", "naive_recurrent_gated_delta_rule", "chunk_gated_delta_rule_torch"]
+__all__ = ["gated_delta_rule", "gated_delta_rule_state", "naive_recurrent_gated_delta_rule",
+           "chunk_gated_delta_rule_torch"]
+
+#: up to this many steps the state-only scan runs the recurrence itself (a few small kernels per step beat the
+#: chunked form's triangular solves for the handful of writes a chunk's evicted frames make)
+RECURRENT_STATE_STEPS = 16
 
 
 def check_linear_rnn_inputs(q, k, v, gates: dict, initial_state):
@@ -68,3 +73,23 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_state=Fa
     else:
         o, S = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, output_final_state)
     return o.to(v.dtype), S
+
+
+def gated_delta_rule_state(k, v, g, beta, initial_state=None, backend="auto"):
+    """Only the final state of :func:`gated_delta_rule` (for writes into a memory, whose outputs nobody reads).
+
+    Same layout and backends; the PyTorch path skips the outputs' work. fla has no state-only entry point, so
+    its kernel runs with ``q = k`` and the outputs are dropped.
+    """
+    check_linear_rnn_inputs(k, k, v, {"g": g, "beta": beta}, initial_state)
+    if k.shape[1] == 0:
+        S = initial_state if initial_state is not None else k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
+        return S.to(compute_dtype(k, initial_state))
+    chosen = backends.resolve("gated_delta_rule", backend, ("fla",), k.device, k.dtype)
+    if chosen == "fla":
+        from .fla import fla_gated_delta_rule
+
+        return fla_gated_delta_rule(k, k, v, g, beta, initial_state, True, "chunk")[1]
+    if k.shape[1] <= RECURRENT_STATE_STEPS:
+        return naive_recurrent_gated_delta_rule(None, k, v, g, beta, initial_state, True)[1]
+    return chunk_gated_delta_rule_torch(None, k, v, g, beta, initial_state, True)[1]

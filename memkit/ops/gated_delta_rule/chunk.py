@@ -38,29 +38,36 @@ def segment_decays(g: torch.Tensor):
 
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
-    B, T, H, K = q.shape
+    """The chunked form; with ``q=None`` only the final state is computed (the outputs' work is skipped) and
+    ``(None, final_state)`` is returned."""
+    B, T, H, K = k.shape
     V = v.shape[-1]
-    dtype = compute_dtype(q, initial_state)
+    dtype = compute_dtype(k, initial_state)
     pad = (-T) % chunk_size
     # Padded steps have g = 0 and beta = 0: no decay and no write, the state passes through.
-    q, k, v, g, beta = (_pad_time(t.to(dtype), pad) for t in (q, k, v, g, beta))
-    q, k, v = (rearrange(t, "b (n c) h d -> b h n c d", c=chunk_size) for t in (q, k, v))
+    k, v, g, beta = (_pad_time(t.to(dtype), pad) for t in (k, v, g, beta))
+    k, v = (rearrange(t, "b (n c) h d -> b h n c d", c=chunk_size) for t in (k, v))
     g, beta = (rearrange(t, "b (n c) h -> b h n c", c=chunk_size) for t in (g, beta))
 
     G, decay_incl, decay_strict = segment_decays(g)
-    eye = torch.eye(chunk_size, dtype=dtype, device=q.device)
+    eye = torch.eye(chunk_size, dtype=dtype, device=k.device)
     IA = eye + beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay_strict
     # U = W - Wk @ S_0 for each chunk.
     W = torch.linalg.solve_triangular(IA, beta[..., None] * v, upper=False, unitriangular=True)
     Wk = torch.linalg.solve_triangular(IA, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
-    QK = (q @ k.transpose(-1, -2)) * decay_incl
     tail = (G[..., -1:] - G).exp()  # e^{G_C - G_i}
+    if q is not None:
+        q = rearrange(_pad_time(q.to(dtype), pad), "b (n c) h d -> b h n c d", c=chunk_size)
+        QK = (q @ k.transpose(-1, -2)) * decay_incl
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    S = k.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
     outs = []
-    for n in range(q.shape[2]):
+    for n in range(k.shape[2]):
         U = W[:, :, n] - Wk[:, :, n] @ S
-        outs.append(G[:, :, n].exp()[..., None] * (q[:, :, n] @ S) + QK[:, :, n] @ U)
+        if q is not None:
+            outs.append(G[:, :, n].exp()[..., None] * (q[:, :, n] @ S) + QK[:, :, n] @ U)
         S = G[:, :, n, -1].exp()[..., None, None] * S + k[:, :, n].transpose(-1, -2) @ (tail[:, :, n, :, None] * U)
+    if q is None:
+        return None, S
     o = rearrange(torch.stack(outs, dim=2), "b h n c d -> b (n c) h d")[:, :T]
     return o, (S if output_final_state else None)

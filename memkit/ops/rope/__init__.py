@@ -19,7 +19,14 @@ import torch
 from memkit.errors import ConfigError, DTypeError, ShapeError
 from memkit.ops._checks import check_rank
 
-__all__ = ["Rope3D", "TabulatedRope3D", "rope_3d"]
+__all__ = ["Rope3D", "TabulatedRope3D", "rope_3d", "rotate"]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of ``x (B, N, heads, head_dim)`` by angles given as ``cos, sin (N, 1, head_dim // 2)``
+    (from :meth:`Rope3D.tables`), in their dtype; the result has ``x``'s dtype."""
+    x1, x2 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,12 @@ class Rope3D:
     def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if x_dtype == torch.float64 else torch.float32
 
-    def cos_sin(self, frame_positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the rotation angles, ``(frames * height * width, head_dim // 2)`` each, in ``dtype``."""
-        ang = self.angles(frame_positions)
+    def cos_sin(self, frame_positions: torch.Tensor, dtype: torch.dtype,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation angles, ``(frames * height * width, head_dim // 2)`` each, in ``dtype``, on
+        ``device`` (default: the positions')."""
+        # non_blocking: a copy of host positions to the GPU need not wait for the device's queue
+        ang = self.angles(frame_positions.to(device or frame_positions.device, non_blocking=True))
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def __call__(self, x: torch.Tensor, frame_offset: int | torch.Tensor = 0) -> torch.Tensor:
@@ -93,11 +103,14 @@ class Rope3D:
             key = (frame_offset, frame_offset + frames)
         else:
             raise TypeError(f"Rope3D: frame_offset must be an int or a 1-D integer tensor, got {frame_offset!r}")
-        dtype = self.compute_dtype(x.dtype)
-        cos, sin = self._memo(key, dtype, x.device, frame_offset, frames)
-        x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        cos, sin = self._memo(key, self.compute_dtype(x.dtype), x.device, frame_offset, frames)
+        return rotate(x, cos, sin)
+
+    def tables(self, frame_offset: int, frames: int, x_dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``(frames * height * width, 1, head_dim // 2)`` that rotate ``frames`` frames of ``x_dtype``
+        tokens at ``frame_offset, frame_offset + 1, ...`` (see :func:`rotate`)."""
+        key = (frame_offset, frame_offset + frames)
+        return self._memo(key, self.compute_dtype(x_dtype), torch.device(device), frame_offset, frames)
 
     def _memo(self, key, dtype, device, frame_offset, frames):
         # Every layer of a backbone rotates at the same positions in a pass: compute cos/sin once per pass.
@@ -107,13 +120,11 @@ class Rope3D:
         full_key = (key if isinstance(frame_offset, torch.Tensor) else ("range", *key), dtype, device,
                     torch.is_inference_mode_enabled())
         if full_key not in memo:
-            if isinstance(frame_offset, torch.Tensor):
-                positions = frame_offset.to(device)
-            else:
-                positions = torch.arange(frames, device=device) + frame_offset
+            # Positions are built on the host, so checking them against a table never waits for the device.
+            positions = frame_offset if isinstance(frame_offset, torch.Tensor) else torch.arange(frames) + frame_offset
             if len(memo) >= 4:
                 memo.pop(next(iter(memo)))
-            cos, sin = self.cos_sin(positions, dtype)
+            cos, sin = self.cos_sin(positions, dtype, device)
             memo[full_key] = (cos[:, None], sin[:, None])
         return memo[full_key]
 
@@ -148,7 +159,7 @@ class TabulatedRope3D(Rope3D):
         # What the backbone does: x times its table, in their promoted dtype.
         return torch.promote_types(x_dtype, self.cos_table.dtype)
 
-    def cos_sin(self, frame_positions, dtype):
+    def cos_sin(self, frame_positions, dtype, device=None):
         if len(frame_positions) and int(frame_positions.max()) >= self.max_positions:
             raise ConfigError(
                 f"frame position {int(frame_positions.max())} is past the backbone's RoPE table "
@@ -156,7 +167,7 @@ class TabulatedRope3D(Rope3D):
             )
         dt, dh, _ = (d // 2 for d in self.axis_dims)
         dev = self.cos_table.device
-        frame_positions = frame_positions.to(dev)
+        frame_positions = frame_positions.to(dev, non_blocking=True)
         F, H, W = len(frame_positions), self.height, self.width
 
         def grid(table):

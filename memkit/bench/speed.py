@@ -1,0 +1,430 @@
+"""``memkit bench speed``: the chunk loop's speed on the Wan2.1-1.3B shape, every memory variant side by side in
+one run, against the cost model of :mod:`memkit.bench.costs`.
+
+Per variant (random weights; 4 denoising reads + 1 commit per chunk; the fast path, compiled on CUDA):
+the fast path against the reference path on the first chunks (relative error per chunk), the steady-state video
+FPS of the DiT alone and end to end with the VAE, latency and peak memory at the probe chunks, the share of a
+chunk spent in the memory's own operations, and the fraction of the roofline reached.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memkit.errors import ConfigError
+
+from .costs import chunk_costs
+
+#: name -> (memory kind, sink frames, window frames): Self-Forcing's rolling cache (21 frames of keys with the
+#: chunk), LongLive's sink + window (12), the hybrid on the same 12, and the unbounded cache.
+VARIANTS = {
+    "window": ("window", 0, 18),
+    "sink_window": ("sink_window", 3, 6),
+    "hybrid_gdn": ("hybrid_gdn", 3, 6),
+    "full": ("full", 0, 6),
+}
+FILES = ["speed.md", "speed.json", "speed.png"]
+
+
+@dataclass
+class SpeedSetup:
+    size: str = "1.3B"
+    latent_size: tuple[int, int] = (60, 104)
+    chunk_frames: int = 3
+    chunks: int = 800
+    probes: tuple[int, ...] = (10, 100, 800)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    compile: bool = True
+    vae: bool = True
+    e2e_chunks: int = 20
+    check_chunks: int = 2
+    max_seconds: float | None = None  # per variant; `full` stops here (or at out of memory)
+    full_max_seconds: float = 90.0
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"bench speed: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        if not self.probes or any(p < 1 for p in self.probes) or max(self.probes) > self.chunks:
+            raise ConfigError(f"bench speed: probes {list(self.probes)} must lie in 1..--chunks ({self.chunks})")
+
+
+@dataclass
+class VariantResult:
+    name: str
+    kind: str
+    sink_frames: int
+    window_frames: int
+    times_ms: list[float] = field(default_factory=list)
+    peak_gib: dict[int, float] = field(default_factory=dict)   # chunk -> peak GPU memory of that chunk
+    check_rel_err: dict[str, list[float]] = field(default_factory=dict)  # "eager" / "compiled" -> per chunk
+    e2e_ms: float | None = None      # median ms per chunk with the VAE decode
+    memory_ms: float | None = None   # the memory's own operations per chunk (all layers, all passes)
+    attention_ms: float | None = None  # of which the attention kernel itself
+    stopped: str | None = None
+    costs: dict = field(default_factory=dict)
+
+    def latency(self, chunk: int, span: int = 5) -> float | None:
+        """Median ms per chunk over the ``span`` chunks ending at ``chunk`` (1-based)."""
+        if len(self.times_ms) < chunk:
+            return None
+        return statistics.median(self.times_ms[max(0, chunk - span): chunk])
+
+    def steady_ms(self, warmup: int = 10) -> float | None:
+        rest = self.times_ms[warmup:] or self.times_ms[-1:]
+        return statistics.median(rest) if rest else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_speed_bench(setup: SpeedSetup, progress: bool = True) -> dict[str, VariantResult]:
+    import adapters
+    import memkit
+    from memkit.ops._checks import DTYPES
+    from memkit.rollout import StreamingGenerator
+
+    device, dtype = torch.device(setup.device), DTYPES[setup.dtype]
+    model = adapters.random_wan(setup.size, seed=setup.seed, dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(setup.seed)
+    prompt = torch.randn(1, 512, model.config.text_dim, generator=gen).to(device=device, dtype=dtype)
+    vae = _random_vae(setup, device, dtype) if setup.vae else None
+    results = {}
+    for name in setup.variants:
+        kind, sink, window = VARIANTS[name]
+        cfg = memkit.MemoryConfig(kind=kind, sink_frames=sink, window_frames=window,
+                                  horizon_frames=setup.chunks * setup.chunk_frames)
+        r = results[name] = VariantResult(name, kind, sink, window)
+        h = adapters.inject(model, cfg, chunk_frames=setup.chunk_frames, latent_size=tuple(setup.latent_size))
+        try:
+            r.costs = chunk_costs(model.config, tuple(setup.latent_size), setup.chunk_frames, sink, window,
+                                  kind, text_tokens=prompt.shape[1], dtype_bytes=prompt.element_size())
+            r.check_rel_err = check_fast_path(h, prompt, setup)
+            if setup.compile:
+                h.compile()
+            limit = setup.max_seconds if kind != "full" else min(setup.max_seconds or 1e18, setup.full_max_seconds)
+            _time_stream(r, StreamingGenerator(h, prompt, seed=setup.seed, progress=False), setup, device, limit,
+                         progress)
+            if vae is not None:
+                g = StreamingGenerator(h, prompt, seed=setup.seed, vae=vae, progress=False)
+                r.e2e_ms = _median_chunk_ms(g, setup.e2e_chunks, device)
+            r.memory_ms, r.attention_ms = time_memory_ops(h, setup, device, dtype)
+        finally:
+            adapters.remove(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def check_fast_path(h, prompt, setup: SpeedSetup) -> dict[str, list[float]]:
+    """Per chunk, the largest relative error (max abs difference / max abs value) of the fast path's outputs
+    (every read and the commit) against the reference path's, from the same states and inputs; eager, and
+    compiled when the setup compiles."""
+    device, dtype = prompt.device, prompt.dtype
+    gen = torch.Generator().manual_seed(setup.seed + 1)
+    chunks = [torch.randn(1, h.dims.in_channels, setup.chunk_frames, *setup.latent_size, generator=gen)
+              .to(device=device, dtype=dtype) for _ in range(setup.check_chunks)]
+    steps = (1000.0, 750.0, 500.0, 250.0)
+
+    def outputs(fast: bool):
+        h.fast = fast
+        state, outs = h.init_state(1), []
+        with torch.no_grad():
+            for x in chunks:
+                per_chunk = [h.read(state, x, t, prompt) for t in steps]
+                y, state = h.commit(state, x, 0.0, prompt)
+                outs.append(per_chunk + [y])
+        return outs
+
+    def errors(a, b):
+        return [max(((p.float() - q.float()).abs().max() / q.float().abs().max().clamp_min(1e-30)).item()
+                    for p, q in zip(pa, pb)) for pa, pb in zip(a, b)]
+
+    try:
+        reference = outputs(False)
+        found = {"eager": errors(outputs(True), reference)}
+        if setup.compile:
+            h.compile()
+            found["compiled"] = errors(outputs(True), reference)
+            h.compile(disable=True)
+    finally:
+        h.fast = True
+    return found
+
+
+def _time_stream(r: VariantResult, gen, setup: SpeedSetup, device, limit: float | None, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    stream = gen.stream(setup.chunks)
+    spent = 0.0
+    bar = tqdm(total=setup.chunks, desc=f"{r.name}", unit="chunk", disable=not progress)
+    try:
+        for i in range(1, setup.chunks + 1):
+            if device.type == "cuda" and i in setup.probes:
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                next(stream)
+            except torch.cuda.OutOfMemoryError:
+                r.stopped = f"out of memory at chunk {i}"
+                break
+            _sync(device)
+            r.times_ms.append(1e3 * (time.perf_counter() - t0))
+            if device.type == "cuda" and i in setup.probes:
+                r.peak_gib[i] = torch.cuda.max_memory_allocated(device) / 2**30
+            spent += r.times_ms[-1] / 1e3
+            bar.update()
+            if limit is not None and spent > limit and i < setup.chunks:
+                r.stopped = f"stopped at chunk {i} after {spent:.0f} s (time limit)"
+                break
+    finally:
+        bar.close()
+        stream.close()
+
+
+def _median_chunk_ms(gen, chunks: int, device, warmup: int = 3) -> float:
+    stream = gen.stream(chunks + warmup)
+    times = []
+    try:
+        for i in range(chunks + warmup):
+            _sync(device)
+            t0 = time.perf_counter()
+            next(stream)
+            _sync(device)
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        stream.close()
+    return statistics.median(times)
+
+
+def time_memory_ops(h, setup: SpeedSetup, device, dtype, repeats: int = 3) -> tuple[float, float]:
+    """ms per chunk of the memory's own operations on the stream's shapes, all layers, in steady state: one
+    preparation, 4 reads and a commit per layer, then the batched commit; and of the attention kernel alone
+    (SDPA over the same keys). Timed by themselves, side by side with the chunk."""
+    from memkit.ops import attention
+
+    mems = h.memories
+    T, F = mems[0].frame_tokens, setup.chunk_frames
+    d = h.dims
+    gen = torch.Generator().manual_seed(setup.seed + 2)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    # a steady-state state: the sink and the window full (and a global state written), by committing random tokens
+    states = [m.init_state(1, device=device, dtype=dtype) for m in mems]
+    q, k, v, x = randn(1, F * T, d.num_heads, d.head_dim), randn(1, F * T, d.num_heads, d.head_dim), \
+        randn(1, F * T, d.num_heads, d.head_dim), randn(1, F * T, d.dim)
+    warm_frames = (mems[0].sink_frames + (mems[0].window_frames or 0)) + 2 * F
+    rope = h.rope()
+    with torch.no_grad():
+        for _ in range(-(-warm_frames // F)):
+            chunks = [m.prepare(s, F, rope) for m, s in zip(mems, states)]
+            for m, c in zip(mems, chunks):
+                m.commit_prepared(c, q, k, v, x)
+            states = type(mems[0]).commit_many(mems, chunks)
+
+        def memory_chunk():
+            chunks = [m.prepare(s, F, rope) for m, s in zip(mems, states)]
+            for m, c in zip(mems, chunks):
+                for _ in range(4):
+                    m.read_prepared(c, q, k, v, x)
+                m.commit_prepared(c, q, k, v, x)
+            type(mems[0]).commit_many(mems, chunks)
+
+        held = chunks[0].keys.shape[1]
+        keys, values = randn(1, held, d.num_heads, d.head_dim), randn(1, held, d.num_heads, d.head_dim)
+
+        def attention_chunk():
+            for _ in range(5 * len(mems)):
+                attention(q, keys, values)
+
+        return _best_ms(memory_chunk, device, repeats), _best_ms(attention_chunk, device, repeats)
+
+
+def _best_ms(fn, device, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, 1e3 * (time.perf_counter() - t0))
+    return best
+
+
+def _random_vae(setup: SpeedSetup, device, dtype):
+    """The Wan2.1 VAE's architecture with random weights (the 1.3B shape), or the tiny test VAE for small models."""
+    if setup.size != "1.3B":
+        from memkit.rollout.vae import tiny_wan_vae
+
+        return tiny_wan_vae(dtype=dtype).to(device)
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(setup.seed)
+        vae = AutoencoderKLWan()
+    torch.nn.Module.to(vae, device=device, dtype=dtype)
+    return vae.eval()
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def summary_rows(results: dict[str, VariantResult], setup: SpeedSetup) -> list[dict]:
+    frames = 4 * setup.chunk_frames  # video frames per chunk: 4 per latent frame
+    rows = []
+    for r in results.values():
+        steady = r.steady_ms()
+        row = {"variant": r.name, "keys": r.costs.get("key_frames"),
+               "DiT FPS": None if steady is None else frames * 1e3 / steady,
+               "e2e FPS": None if r.e2e_ms is None else frames * 1e3 / r.e2e_ms}
+        for p in setup.probes:
+            row[f"ms@{p}"] = r.latency(p)
+        last, first = r.latency(max(setup.probes)), r.latency(min(setup.probes))
+        row["last/first"] = None if last is None or first is None else last / first
+        for p in setup.probes:
+            row[f"GiB@{p}"] = r.peak_gib.get(p)
+        row["mem ops %"] = None if r.memory_ms is None or not steady else 100 * r.memory_ms / steady
+        row["attn %"] = None if r.attention_ms is None or not steady else 100 * r.attention_ms / steady
+        ideal = r.costs.get("roofline_ms")
+        row["roofline"] = None if ideal is None or not steady else ideal / steady
+        worst = max((e for errs in r.check_rel_err.values() for e in errs), default=None)
+        row["fast-ref err"] = worst
+        row["note"] = r.stopped or ""
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 0.01 or abs(value) >= 1e5):
+            return f"{value:.1e}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def results_markdown(results, setup: SpeedSetup, command: str, device_name: str) -> str:
+    rows = summary_rows(results, setup)
+    cols = list(rows[0])
+    lines = ["# memkit bench speed", "", f"`{command}`", "",
+             f"{device_name}; Wan {setup.size} shape (random weights), {setup.dtype}, latents "
+             f"{setup.latent_size[0]}x{setup.latent_size[1]}, {setup.chunk_frames} latent frames per chunk, "
+             f"4 denoising reads + 1 commit per chunk, {'compiled' if setup.compile else 'eager'} blocks.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
+    lines += ["", "Costs per chunk (model of memkit.bench.costs):", "",
+              "| variant | keys (frames) | matmul GFLOP | attention GFLOP | MB moved | roofline ms |",
+              "|---|---|---|---|---|---|"]
+    for r in results.values():
+        c = r.costs
+        lines.append(f"| {r.name} | {c['key_frames']} | {_fmt(c['matmul_flops'] / 1e9)} | "
+                     f"{_fmt(c['attention_flops'] / 1e9)} | {_fmt(c['bytes'] / 1e6)} | {_fmt(c['roofline_ms'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results, setup: SpeedSetup, out_dir, command: str, device_name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memkit.outputs import atomic_output
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in FILES]
+    with atomic_output(paths[0]) as tmp:
+        tmp.write_text(results_markdown(results, setup, command, device_name))
+    with atomic_output(paths[1]) as tmp:
+        tmp.write_text(json.dumps({"setup": asdict(setup), "device": device_name, "command": command,
+                                   "summary": summary_rows(results, setup),
+                                   "results": {k: asdict(r) for k, r in results.items()}}, indent=1))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in results.values():
+        ax.plot(range(1, len(r.times_ms) + 1), r.times_ms, label=r.name, lw=1)
+    ax.set(xlabel="chunk", ylabel="ms per chunk (DiT)", yscale="log", title="time per chunk as the stream goes on")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_output(paths[2]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def add_speed_parser(bsub) -> None:
+    from memkit.cli_args import nonnegative_int, positive_int
+
+    d = SpeedSetup()
+    s = bsub.add_parser("speed", help="the chunk loop on the Wan2.1-1.3B shape: window 18, sink_window 3+6, "
+                                      "hybrid_gdn 3+6 and full side by side (FPS, latency, peak memory, roofline)")
+    s.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
+    s.add_argument("--size", default=d.size, help=f"Wan config: tiny, small or 1.3B ({d.size})")
+    s.add_argument("--latent-size", type=positive_int, nargs=2, default=list(d.latent_size), metavar=("H", "W"))
+    s.add_argument("--chunk-frames", type=positive_int, default=d.chunk_frames)
+    s.add_argument("--chunks", type=positive_int, default=d.chunks, help=f"chunks streamed per variant ({d.chunks})")
+    s.add_argument("--probes", type=positive_int, nargs="+", default=list(d.probes),
+                   help="chunks whose latency and peak memory are reported (10 100 800)")
+    s.add_argument("--e2e-chunks", type=positive_int, default=d.e2e_chunks, help="chunks timed with the VAE")
+    s.add_argument("--check-chunks", type=nonnegative_int, default=d.check_chunks,
+                   help="chunks compared between the fast and the reference path")
+    s.add_argument("--max-seconds", type=float, default=None, help="stop a variant after this many seconds")
+    s.add_argument("--full-max-seconds", type=float, default=d.full_max_seconds,
+                   help=f"stop the unbounded 'full' cache after this many seconds ({d.full_max_seconds:g})")
+    s.add_argument("--no-compile", action="store_true", help="eager blocks (default: compiled on CUDA)")
+    s.add_argument("--no-vae", action="store_true", help="skip the end-to-end timing with the VAE")
+    s.add_argument("--device", default="cuda", help="default: cuda")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=d.dtype)
+    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    s.add_argument("--out", default="docs/results", help="folder for speed.md/.json/.png (default: docs/results)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=run_speed_command)
+
+
+def run_speed_command(args, console) -> int:
+    import shlex
+    import sys
+
+    from rich.table import Table
+
+    from memkit.cli_args import checked_device
+    from memkit.outputs import check_output_folder
+
+    device = checked_device(args.device)
+    check_output_folder(args.out, "--out", FILES, overwrite=args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = SpeedSetup(size=args.size, latent_size=tuple(args.latent_size), chunk_frames=args.chunk_frames,
+                       chunks=args.chunks, probes=tuple(args.probes), variants=tuple(args.variants),
+                       device=str(device), dtype=args.dtype, compile=not args.no_compile and device.type == "cuda",
+                       vae=not args.no_vae, e2e_chunks=args.e2e_chunks, check_chunks=args.check_chunks,
+                       max_seconds=args.max_seconds, full_max_seconds=args.full_max_seconds)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    results = run_speed_bench(setup, progress=not args.quiet)
+    command = "memkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
+        else "memkit bench speed"
+    rows = summary_rows(results, setup)
+    table = Table(title=f"memkit bench speed: {name}, Wan {setup.size}, {setup.dtype}")
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row.values()))
+    console.print(table)
+    for path in write_report(results, setup, args.out, command, name):
+        console.print(f"wrote {path}")
+    return 0
