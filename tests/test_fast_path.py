@@ -271,6 +271,28 @@ def test_the_per_block_step_has_no_graph_break(mode, rope_mode):
     assert explanation.graph_count == 1
 
 
+def test_all_blocks_share_one_graph_per_pass_kind():
+    from torch._dynamo.utils import counters
+
+    model, h = injected("hybrid_gdn", dtype=torch.float32)
+    _, state = run_chunks(h, chunks=3)  # the window is full: the held length no longer changes
+    prompt = torch.randn(1, 8, model.config.text_dim)
+    torch._dynamo.reset()
+    counters.clear()
+    h.compile(backend="eager")  # Dynamo's graphs without inductor: what is counted is the tracing
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randn(1, 16, 2, *LATENT)
+                h.read(state, x, 500.0, prompt)
+                h.read(state, x, 250.0, prompt)
+                state = h.commit(state, x, 0.0, prompt)[1]
+    finally:
+        h.compile(disable=True)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2  # a read and a commit graph, for both blocks and all chunks
+
+
 def test_compiled_blocks_equal_the_reference_path_in_float32():
     _, h = injected("hybrid_gdn", dtype=torch.float32)
     h.fast = False
