@@ -427,8 +427,12 @@ class AdapterHandle:
 
     def compile(self, **options) -> None:
         """Compile every block with ``torch.compile(**options)`` (in place, like ``nn.Module.compile``) for the
-        fast path, whose per-block step has no graph break. Other passes (training, recache, ``fast=False``) run
-        the same blocks eagerly. ``remove`` (or ``compile(disable=True)``) undoes it."""
+        fast path, whose per-block step has no graph break: all blocks share one graph per pass kind (read,
+        commit). Other passes (training, recache, ``fast=False``) and the chunks that fill a bounded memory run
+        the same blocks eagerly, so only steady-state shapes are compiled. ``remove`` (or ``compile(disable=True)``)
+        undoes it. Dynamo keeps graphs per code object, which every compiled module shares: after compiling
+        another memory variant in the same process, ``torch._dynamo.reset()`` keeps the old graphs from filling
+        its recompile limit."""
         self._check_live()
         _uncompile(self)
         if options.pop("disable", False):
@@ -541,14 +545,15 @@ class AdapterHandle:
                 mem._prepared = chunk
         self._pass = p
         try:
-            if p.prepared is None:
-                if self._compiled:
-                    with torch.compiler.set_stance("force_eager"):  # the reference path is not made to be compiled
-                        yield p
-                else:
+            if p.prepared is not None:
+                self.backbone.begin_fast_pass(self, encoder_hidden_states, kwargs)
+            # The reference path is not made to be compiled; and while a bounded memory fills up, each chunk holds
+            # another number of frames: compiling those would spend Dynamo's recompile budget on shapes never seen
+            # again, so they run eagerly and the compiled graphs are those of the steady state.
+            if self._compiled and (p.prepared is None or not p.prepared[0].steady):
+                with torch.compiler.set_stance("force_eager"):
                     yield p
             else:
-                self.backbone.begin_fast_pass(self, encoder_hidden_states, kwargs)
                 yield p
         finally:
             self._pass = None

@@ -45,11 +45,18 @@ class PreparedChunk:
     state: MemoryState
     keys: torch.Tensor            # (B, held + chunk tokens, H, D)
     values: torch.Tensor
-    held: int                     # tokens held; the chunk's slots start here
+    tokens: int                   # the chunk's tokens (the same for every chunk of a stream)
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin rotating the chunk's q and k (None: they come rotated)
     gamma: torch.Tensor | None    # (H,) router weight of the global read; None while the global state is empty
+    steady: bool                  # the memory is full: later chunks look like this one (see AdapterHandle.compile)
     commit: bool = False          # whether the pass in progress commits (set by the caller per pass)
     payload: dict[str, torch.Tensor] | None = None  # what a commit pass appends, for commit_many
+
+    @property
+    def held(self) -> int:
+        """Tokens held; the chunk's slots start here. Read from the buffer's shape, so that a compiled pass sees a
+        size (which may become dynamic) rather than an integer it would specialise on."""
+        return self.keys.shape[1] - self.tokens
 
 
 class LocalMemory(Memory):
@@ -213,7 +220,9 @@ class LocalMemory(Memory):
                 chunk_rope = rope.tables(held_frames, chunk_frames, keys.dtype, keys.device)
             else:
                 chunk_rope = rope.tables(t, chunk_frames, keys.dtype, keys.device)
-        return PreparedChunk(state, keys, values, n_sink + n_win, chunk_rope, self._global_gamma(tensors, t))
+        steady = self.window_frames is None or t > self.sink_frames + self.window_frames
+        return PreparedChunk(state, keys, values, chunk_frames * T, chunk_rope, self._global_gamma(tensors, t),
+                             steady)
 
     def read_prepared(self, chunk: PreparedChunk, q, k, v, x) -> torch.Tensor:
         """What ``read(chunk.state, q, k, v, x, rope)`` returns (``chunk`` from :meth:`prepare`)."""
@@ -228,10 +237,9 @@ class LocalMemory(Memory):
 
     def _run_prepared(self, chunk: PreparedChunk, q, k, v, x):
         keys = chunk.keys
-        if q.shape != (keys.shape[0], keys.shape[1] - chunk.held, *keys.shape[2:]) or k.shape != q.shape \
-                or v.shape != q.shape:
-            raise ShapeError(f"this chunk was prepared for q, k, v of shape "
-                             f"{(keys.shape[0], keys.shape[1] - chunk.held, *keys.shape[2:])}, got {tuple(q.shape)}")
+        expected = (keys.shape[0], chunk.tokens, *keys.shape[2:])
+        if q.shape != expected or k.shape != q.shape or v.shape != q.shape:
+            raise ShapeError(f"this chunk was prepared for q, k, v of shape {expected}, got {tuple(q.shape)}")
         if q.dtype != keys.dtype or k.dtype != keys.dtype or v.dtype != keys.dtype:
             raise DTypeError(f"the state holds {keys.dtype} keys but q, k, v are {q.dtype}, {k.dtype}, {v.dtype}")
         q_att, k_att = (q, k) if chunk.rope is None else (rotate(q, *chunk.rope), rotate(k, *chunk.rope))
