@@ -360,12 +360,11 @@ def run_generate(args, console: Console) -> int:
     import adapters
     import memkit
     from memkit.rollout import FlowSchedule, PromptSchedule, StreamingGenerator
+    from memkit.rollout.generator import PeakMemory
     from memkit.rollout.video import VideoWriter
 
     plan = plan_generate(args)
     s = plan.settings
-    from memkit.rollout.generator import PeakMemory
-
     backbone = load_backbone(s, plan.device, decode=not args.no_decode, text_encoder=args.text_encoder,
                              console=console, vae_device=torch.device("cpu") if args.low_vram else None)
     console.print(f"backbone: {backbone.description}")
