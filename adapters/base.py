@@ -492,13 +492,16 @@ class AdapterHandle:
     def _fast_pass(self, mode: str) -> bool:
         """Whether a pass of ``mode`` runs on the fast path now."""
         return (self.fast and mode in ("read", "commit") and not torch.is_grad_enabled()
-                and all(isinstance(m, LocalMemory) for m in self.memories))
+                and all(isinstance(m, LocalMemory) and m.fast_path_exact() for m in self.memories))
 
     def _prepared_chunks(self, state: StreamState, frames: int) -> list[PreparedChunk]:
         """The layers' prepared chunks for ``frames`` frames after ``state``: built by the first pass of the chunk,
         reused by the rest of it."""
         rope = self.rope()
-        key = (frames, rope, torch.is_inference_mode_enabled())
+        # A prepared chunk holds values computed from the parameters (the router weight): an in-place update of
+        # any of them (an optimiser step, load_memory) must prepare again.
+        versions = tuple(p._version for p in self.memory_parameters())
+        key = (frames, rope, torch.is_inference_mode_enabled(), versions)
         cached = self._chunk_cache
         if cached is not None and cached[0] is state and cached[1] == key:
             return cached[2]
@@ -785,6 +788,7 @@ def remove(model: nn.Module) -> nn.Module:
     _restore(model, handle)
     handle.removed = True
     handle._prompts.clear()
+    handle._chunk_cache = None
     object.__delattr__(model, HANDLE_ATTR)
     return model
 

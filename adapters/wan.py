@@ -177,13 +177,18 @@ class WanAdapter(BackboneAdapter):
     def begin_fast_pass(self, handle, encoder_hidden_states, kwargs):
         # The prompt's K/V per block, from the model's own text (and image) projection: cached per prompt, so only
         # the projection runs again, once per pass instead of inside every block.
+        # The context exactly as the model builds it ([image | text]) and each processor splits it.
         cond = self.model.condition_embedder
-        text, image = cond.text_embedder(encoder_hidden_states), kwargs.get("encoder_hidden_states_image")
+        context = cond.text_embedder(encoder_hidden_states)
+        image = kwargs.get("encoder_hidden_states_image")
+        if image is not None:
+            context = torch.cat([cond.image_embedder(image), context], dim=1)
         for _, cross in self.attention_modules():
             proc = cross.processor
             if isinstance(proc, CachedCrossAttention):
-                img = None if cross.add_k_proj is None or image is None else cond.image_embedder(image)
-                proc.prepared = proc._key_value(cross, text, img)
+                split = context.shape[1] - TEXT_CONTEXT_LENGTH if cross.add_k_proj is not None else 0
+                img = context[:, :split] if cross.add_k_proj is not None else None
+                proc.prepared = proc._key_value(cross, context[:, split:], img)
 
     def end_fast_pass(self, handle):
         for _, cross in self.attention_modules():

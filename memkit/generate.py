@@ -344,10 +344,13 @@ def load_prompts(args, backbone: Backbone, seed: int, console: Console) -> dict[
         if backbone.text_encoder is None:
             raise ConfigError("--prompt needs a text encoder: pass --text-encoder PATH (a local UMT5 folder), "
                               "or precomputed embeddings with --prompt-embeds")
-        param = next(backbone.model.parameters())  # the encoder runs once, in the model's dtype, then is freed
-        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=str(param.device), dtype=param.dtype)
+        param = next(backbone.model.parameters())
+        # --low-vram: the encoder in the model's dtype (UMT5-XXL: 11 GB in bf16, 23 GB in float32); its embeddings
+        # then differ slightly from float32 ones. It runs once and its memory goes back before the stream starts.
+        dtype = param.dtype if args.low_vram else torch.float32
+        embeds = encode_prompts(args.prompt, backbone.text_encoder, device=str(param.device), dtype=dtype)
         if param.device.type == "cuda":
-            torch.cuda.empty_cache()  # give the encoder's memory back before the stream needs it
+            torch.cuda.empty_cache()
         return {f"{i}: {text[:40]}": e[None] for i, (text, e) in enumerate(zip(args.prompt, embeds))}
     if not backbone.random:
         raise ConfigError("a real checkpoint needs prompts: --prompt-embeds FILE or --prompt TEXT")
@@ -388,14 +391,15 @@ def run_generate(args, console: Console) -> int:
         gen = StreamingGenerator.from_state(handle, plan.resume.to(plan.device), schedule, switches=(),
                                             seed=s["seed"], vae=backbone.vae, schedule=steps,
                                             context_noise=s["context_noise"], progress=not args.quiet,
-                                            vae_offload=args.low_vram)
+                                            vae_offload=args.low_vram, track_peak_memory=True)
         verb = "forking" if plan.fork else "resuming"
         console.print(f"{verb} after chunk {gen.chunks_done} ({gen.cursor} latent frames, "
                       f"{_stream_seconds(gen.cursor):.2f} s) of {args.resume}")
         decoder_fresh = backbone.vae is not None and "decoder" not in plan.resume.info  # decoding restarts
     else:
         gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=s["context_noise"], seed=s["seed"],
-                                 vae=backbone.vae, progress=not args.quiet, vae_offload=args.low_vram)
+                                 vae=backbone.vae, progress=not args.quiet, vae_offload=args.low_vram,
+                                 track_peak_memory=True)
         decoder_fresh = False  # fresh only at cursor 0: after a prefix the decoder goes on from it
     prefix = load_prefix(args.prefix, backbone.vae, handle, console) if args.prefix else None
     cursor = gen.cursor + (0 if prefix is None else prefix.shape[2])

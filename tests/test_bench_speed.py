@@ -8,7 +8,7 @@ from memkit.bench.costs import chunk_costs
 from memkit.cli import main
 
 TINY = ["bench", "speed", "--device", "cpu", "--size", "tiny", "--latent-size", "8", "8", "--dtype", "float32",
-        "--chunks", "4", "--probes", "2", "4", "--e2e-chunks", "1", "--check-chunks", "1", "--quiet"]
+        "--chunks", "6", "--probes", "5", "6", "--e2e-chunks", "1", "--check-chunks", "1", "--quiet"]
 
 
 def test_bench_speed_reports_every_variant(tmp_path, capsys):
@@ -16,9 +16,9 @@ def test_bench_speed_reports_every_variant(tmp_path, capsys):
     report = json.loads((tmp_path / "speed.json").read_text())
     rows = {row["variant"]: row for row in report["summary"]}
     assert list(rows) == ["window", "sink_window", "hybrid_gdn", "full"]
-    assert [rows[v]["keys"] for v in rows] == [21, 12, 12, 30]  # full: its keys at chunk 10
+    assert [rows[v]["keys"] for v in rows] == [15, 12, 12, 15]  # keys at chunk 5, the first probe
     for row in rows.values():
-        assert row["DiT FPS"] > 0 and row["e2e FPS"] > 0 and row["ms@2"] > 0 and row["ms@4"] > 0
+        assert row["DiT FPS"] > 0 and row["e2e FPS"] > 0 and row["ms@5"] > 0 and row["ms@6"] > 0
         assert row["fast-ref err"] < 1e-5  # float32 on the CPU
         assert 0 < row["mem ops %"] and 0 < row["roofline"] < 1
     assert (tmp_path / "speed.png").stat().st_size > 0
@@ -32,7 +32,7 @@ def test_bench_speed_reports_every_variant(tmp_path, capsys):
 
 def test_bench_speed_refuses_probes_past_the_stream(tmp_path, capsys):
     i = TINY.index("--probes")
-    assert main(TINY[:i + 1] + ["10"] + TINY[i + 3:] + ["--out", str(tmp_path)]) == 2
+    assert main(TINY[:i + 1] + ["10"] + TINY[i + 3:] + ["--out", str(tmp_path)]) == 2  # past --chunks 6
     err = capsys.readouterr().err
     assert "probes" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())

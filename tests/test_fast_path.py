@@ -337,3 +337,104 @@ def test_the_cost_model_counts_the_flops_torch_counts(kind):
                 assert counter.get_total_flops() == modelled
             else:  # the global write's scan is left out of the model
                 assert 0 <= counter.get_total_flops() - modelled < 0.01 * modelled
+
+
+def test_an_in_place_parameter_update_between_reads_prepares_again():
+    _, h = injected("hybrid_gdn")
+    _, state = run_chunks(h, chunks=3)
+    prompt, x = torch.randn(1, 8, h.model.config.text_dim, dtype=torch.float64), torch.randn(1, 16, 2, *LATENT,
+                                                                                             dtype=torch.float64)
+    with torch.no_grad():
+        h.read(state, x, 500.0, prompt)  # prepares the chunk
+        for mem in h.memories:
+            mem.router_b.add_(2.0)  # an optimiser step, load_memory, ...
+        fast = h.read(state, x, 500.0, prompt)
+        h.fast = False
+        reference = h.read(state, x, 500.0, prompt)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-10)
+
+
+def test_a_memory_that_overrides_the_global_read_alone_runs_the_reference_path(prepares):
+    from memkit.memory.sink_window import SinkWindowMemory
+
+    class Extra(SinkWindowMemory):
+        def _global_read(self, tensors, q, x, t):  # a documented hook, without the fast path's counterparts
+            return torch.ones_like(q)
+
+    assert SinkWindowMemory.fast_path_exact() and not Extra.fast_path_exact()
+    _, h = injected("sink_window")
+    for mem in h.memories:
+        mem.__class__ = Extra
+    outs, _ = run_chunks(h, chunks=2)
+    assert not prepares  # the reference path, which reads through _global_read
+    h.fast = False
+    torch.testing.assert_close(outs, run_chunks(h, chunks=2)[0], rtol=0, atol=0)
+
+
+def test_a_scan_that_reads_its_own_parameters_is_not_batched_across_layers():
+    from memkit.memory.hybrid import HybridMemory
+
+    class Scaled(HybridMemory):  # like examples/custom_memory.py, with a parameter of its own in the scan
+        kind = "scaled_linear"
+        gate_names = ()
+
+        def __init__(self, cfg, **dims):
+            super().__init__(cfg, **dims)
+            self.scale = torch.nn.Parameter(torch.rand(()) + 0.5)
+
+        def _scan(self, M, k, v, gates):
+            return M + self.scale * torch.einsum("bnhk,bnhv->bhkv", k.to(M.dtype), v.to(M.dtype))
+
+    cfg = memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=1)
+    layers = [Scaled(cfg, num_heads=2, head_dim=8, dim=12, frame_tokens=4).double() for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    for mem in layers:
+        torch.nn.init.normal_(mem.out_gate.weight, generator=gen)
+    tokens = lambda: (*(torch.randn(1, 8, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3)),  # noqa: E731
+                      torch.randn(1, 8, 12, generator=gen, dtype=torch.float64))
+    states = [m.init_state(1, dtype=torch.float64) for m in layers]
+    for _ in range(3):
+        inputs = [tokens() for _ in layers]
+        reference = [m.commit(s, *x)[1] for m, s, x in zip(layers, states, inputs)]
+        chunks = [m.prepare(s, 2) for m, s in zip(layers, states)]
+        for m, c, x in zip(layers, chunks, inputs):
+            m.commit_prepared(c, *x)
+        states = Scaled.commit_many(layers, chunks)
+        for new, ref in zip(states, reference):
+            torch.testing.assert_close(new["global.M"], ref["global.M"], rtol=0, atol=1e-12)
+    assert states[0]["global.M"].abs().max() > 0
+
+
+def test_the_fast_path_refuses_what_the_reference_refuses_before_any_work():
+    from memkit.errors import BackendUnavailableError, DTypeError
+
+    model = adapters.random_wan("tiny")
+    h = adapters.inject(model, memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2),
+                        chunk_frames=2, latent_size=LATENT, memory_dtype=torch.float64)
+    prompt, x = torch.randn(1, 8, model.config.text_dim), torch.randn(1, 16, 2, *LATENT)
+    with torch.no_grad(), pytest.raises(DTypeError, match="memory.to"):
+        h.read(h.init_state(1), x, 500.0, prompt)
+    adapters.remove(model)
+    h = adapters.inject(model, memkit.MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2,
+                                                   scan_backend="fla"), chunk_frames=2, latent_size=LATENT)
+    with torch.no_grad(), pytest.raises(BackendUnavailableError, match="fla"):  # at the first chunk, not an eviction
+        h.read(h.init_state(1), x, 500.0, prompt)
+
+
+def test_i2v_cross_attention_on_the_fast_path_splits_the_context_as_the_model_does():
+    from tests.backbones import LATENT as GRID
+    from tests.backbones import tiny_model
+
+    model = tiny_model("wan", image_dim=8, added_kv_proj_dim=24)
+    cfg = memkit.MemoryConfig(kind="sink_window", sink_frames=1, window_frames=2)
+    h = adapters.inject(model, cfg, chunk_frames=3, latent_size=GRID)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 3, *GRID, generator=gen, dtype=torch.float64)
+    image = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)
+    outs = []
+    for fast in (True, False):  # each path its own prompt tensors: no K/V cached by the other
+        h.fast = fast
+        text = torch.randn(2, 20, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        with torch.no_grad():
+            outs.append(h.read(h.init_state(2), latents, 500.0, text, encoder_hidden_states_image=image.clone()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)

@@ -364,11 +364,17 @@ def test_read_image(tmp_path, mode):
         assert torch.equal(read[0], array)
 
 
-def test_an_offloaded_decoder_brings_back_the_vae_and_its_cache(vaes):
+def test_an_offloaded_decoder_brings_back_the_vae_and_its_cache(vaes, monkeypatch):
+    """On a CPU the device moves are to the CPU itself; what is checked is that every chunk moves the VAE to the
+    decoding device and back, and that the frames do not change (tests/gpu moves it for real)."""
     vae = vaes[torch.float64]
     z = latents(size=(4, 6), dtype=torch.float64)
     plain = torch.cat(stream(StreamingVAEDecoder(vae), z, [1, 3, 3]), dim=2)
+    moves = []
+    move = type(vae).to
+    monkeypatch.setattr(vae, "to", lambda device: moves.append(str(device)) or move(vae, device), raising=False)
     decoder = StreamingVAEDecoder(vae, offload_to="cpu")
     assert torch.equal(torch.cat(stream(decoder, z, [1, 3, 3]), dim=2), plain)
+    assert moves == ["cpu", "cpu"] * 3  # to the decoding device and back, per chunk
     assert next(vae.parameters()).device.type == "cpu"
     assert all(c.device.type == "cpu" for c in decoder._cache if isinstance(c, torch.Tensor))

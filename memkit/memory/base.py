@@ -162,6 +162,21 @@ class Memory(nn.Module):
         """Raise now, not halfway through a stream, if an explicitly requested kernel cannot run."""
 
     # -- checks (run before anything is computed, so a bad call changes nothing) --
+    def _check_parameters(self, device: torch.device, dtype: torch.dtype, x_dtype: torch.dtype) -> None:
+        """The parameters can act on tokens of ``dtype`` (block input ``x_dtype``) on ``device``, and every kernel
+        asked for can run there (host-side checks only: nothing waits for the device)."""
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if param is not None and param.device != device:
+            raise DeviceError(f"{self.kind} memory parameters are on {param.device} but inputs on {device}; "
+                              f"call memory.to(device) first")
+        # The parameters act on x. Under autocast, float32 parameters with half-precision x are normal.
+        if param is not None and param.dtype != x_dtype and autocast_dtype(device.type) is None:
+            raise DTypeError(
+                f"{self.kind} memory parameters are {param.dtype} but x is {x_dtype}; "
+                f"call memory.to(dtype) first, or run under torch.autocast"
+            )
+        self._check_backends(device, dtype)
+
     def _check_tokens(self, q, k, v, x, rope) -> None:
         layout = "(B, N, heads, head_dim)"
         check_shape("q", q, (None, None, self.num_heads, self.head_dim), layout)
@@ -176,17 +191,7 @@ class Memory(nn.Module):
         check_same_dtype(q=q, k=k, v=v)
         check_same_dtype(x=x)  # x may differ from q, k, v (a float32 residual stream under autocast)
         check_same_device(q=q, k=k, v=v, x=x)
-        param = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if param is not None and param.device != q.device:
-            raise DeviceError(f"{self.kind} memory parameters are on {param.device} but inputs on {q.device}; "
-                              f"call memory.to(device) first")
-        # The parameters act on x. Under autocast, float32 parameters with half-precision x are normal.
-        if param is not None and param.dtype != x.dtype and autocast_dtype(q.device.type) is None:
-            raise DTypeError(
-                f"{self.kind} memory parameters are {param.dtype} but x is {x.dtype}; "
-                f"call memory.to(dtype) first, or run under torch.autocast"
-            )
-        self._check_backends(q.device, q.dtype)
+        self._check_parameters(q.device, q.dtype, x.dtype)
         if rope is not None:
             if not isinstance(rope, Rope3D):
                 raise TypeError(f"rope must be a memkit.ops.Rope3D, got {type(rope).__name__}")

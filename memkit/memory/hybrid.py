@@ -185,8 +185,9 @@ class HybridMemory(LocalMemory):
     def _global_write(self, tensors, evicted):
         tensors["global.M"] = self._write(tensors["global.M"], evicted)
 
-    #: whether the scan reads the layer's own parameters (then layers cannot share one scan)
-    write_uses_parameters: bool = False
+    #: whether ``_scan`` reads the layer's own parameters (then the layers' writes cannot share one scan). True
+    #: unless a variant says otherwise: a wrong False would scan every layer with the first layer's parameters.
+    write_uses_parameters: bool = True
 
     @classmethod
     def _global_write_many(cls, memories, tensors, evicted):

@@ -27,6 +27,7 @@ from .registry import register_memory
 class HybridGDNMemory(HybridMemory):
     gate_names = ("g", "beta")
     scan_kernels = ("fla",)
+    write_uses_parameters = False  # the gates were computed when the tokens entered the window
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)

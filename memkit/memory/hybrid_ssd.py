@@ -23,7 +23,6 @@ from .registry import register_memory
 class HybridSSDMemory(HybridMemory):
     gate_names = ("dt",)
     scan_kernels = ("mamba_ssm", "fla")
-    write_uses_parameters = True  # the decay A is the layer's own
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)

@@ -193,6 +193,17 @@ class LocalMemory(Memory):
         return y, state.replace(new_tensors, frames=t + q.shape[1] // T)
 
     # -- the fast path: a chunk's passes share their preparation ---------------------------
+    @classmethod
+    def fast_path_exact(cls) -> bool:
+        """Whether :meth:`prepare` and its passes compute what ``read`` / ``commit`` compute for this class: true
+        unless a subclass changed ``_step`` or ``_cache_qk``, or its global read without the fast path's
+        counterparts (``_global_gamma`` and ``_global_mix``). Adapters use the reference path otherwise."""
+        base = LocalMemory
+        if cls._step is not base._step or cls._cache_qk is not base._cache_qk:
+            return False
+        return cls._global_read is base._global_read or (
+            cls._global_gamma is not base._global_gamma and cls._global_mix is not base._global_mix)
+
     def prepare(self, state: MemoryState, chunk_frames: int, rope: Rope3D | None = None) -> PreparedChunk:
         """Build what the passes of the next chunk (``chunk_frames`` frames) share. ``state`` is not changed."""
         if not isinstance(state, MemoryState):
@@ -201,6 +212,8 @@ class LocalMemory(Memory):
         if k_sink is None:
             raise StateMismatchError(f"state tensors {sorted(state.tensors)} are not a {self.kind} memory's")
         self._check_state_layout(state, state.batch, k_sink.dtype, k_sink.device)
+        # Without autocast the block input x has the activations' dtype (under autocast it may not, and need not).
+        self._check_parameters(k_sink.device, k_sink.dtype, k_sink.dtype)
         T, t = self.frame_tokens, state.frames
         n_sink, n_win = (n * T for n in self._counts(t))
         tensors = state.tensors

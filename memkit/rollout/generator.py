@@ -60,14 +60,15 @@ class StreamingGenerator:
     (``encoder_hidden_states_image=`` for Wan I2V, ``fps=`` for SkyReels-V2). vae_offload: keep the VAE (and its
     causal cache) where it is, e.g. on the CPU, and bring it to the model's device only to decode a chunk.
     vae_batch_frames: decode a chunk's latent frames in one decoder call (default: on CUDA; see
-    :class:`~memkit.rollout.vae.StreamingVAEDecoder`). :attr:`peak_memory` records the peak GPU memory of the
-    DiT passes and of the decoding.
+    :class:`~memkit.rollout.vae.StreamingVAEDecoder`). track_peak_memory: record in :attr:`peak_memory` the peak
+    GPU memory of the DiT passes and of the decoding (it resets the allocator's peak counter around each part, so
+    it is off by default: a caller's own peak measurement would be lost).
     """
 
     def __init__(self, handle, prompts, *, switches=(), schedule: FlowSchedule | None = None,
                  context_noise: float = 0.0, seed: int = 0, vae=None, batch: int = 1, progress: bool = True,
                  state: StreamState | None = None, model_kwargs: dict | None = None, vae_offload: bool = False,
-                 vae_batch_frames: bool | None = None):
+                 vae_batch_frames: bool | None = None, track_peak_memory: bool = False):
         self.handle = handle
         self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule(prompts, switches)
         self.schedule = schedule or FlowSchedule()
@@ -88,7 +89,7 @@ class StreamingGenerator:
             batched = self.device.type == "cuda" if vae_batch_frames is None else bool(vae_batch_frames)
             self.decoder = StreamingVAEDecoder(vae, batch_frames=batched,
                                                offload_to=self.device if vae_offload else None)
-        self.peak_memory = PeakMemory(self.device)
+        self.peak_memory = PeakMemory(self.device, enabled=track_peak_memory)
         if state is not None:
             handle.check_state(state)
         self._stream = handle.init_state(batch) if state is None else state
@@ -142,7 +143,7 @@ class StreamingGenerator:
                    seed: int | None = None, vae=None, schedule: FlowSchedule | None = None,
                    context_noise: float | None = None, progress: bool = True,
                    model_kwargs: dict | None = None, vae_offload: bool = False,
-                   vae_batch_frames: bool | None = None) -> "StreamingGenerator":
+                   vae_batch_frames: bool | None = None, track_peak_memory: bool = False) -> "StreamingGenerator":
         """Continue a saved stream. Without ``seed`` the noise is the stream's own (bit-identical to going on
         uninterrupted); with another seed the continuation is a fork. Without ``prompts`` the stream keeps its
         prompt schedule. The denoising schedule and context noise default to the saved stream's."""
@@ -164,7 +165,7 @@ class StreamingGenerator:
         stream = state.replace(prompt_cache={}, decoder={}, info={})
         gen = cls(handle, prompts, switches=switches, schedule=schedule, context_noise=context_noise, seed=seed,
                   vae=vae, progress=progress, state=stream, model_kwargs=model_kwargs, vae_offload=vae_offload,
-                  vae_batch_frames=vae_batch_frames)
+                  vae_batch_frames=vae_batch_frames, track_peak_memory=track_peak_memory)
         if gen.decoder is not None:
             if "decoder" in info:
                 gen.decoder.load_state_dict(dict(state.decoder), info["decoder"])
@@ -187,7 +188,8 @@ class StreamingGenerator:
         return type(self).from_state(self.handle, self.state, self.prompts, seed=seed, vae=vae,
                                      progress=self.progress, model_kwargs=self.model_kwargs,
                                      vae_offload=decoder is not None and decoder.offload_to is not None,
-                                     vae_batch_frames=None if decoder is None else decoder.batch_frames)
+                                     vae_batch_frames=None if decoder is None else decoder.batch_frames,
+                                     track_peak_memory=self.peak_memory.enabled)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -263,16 +265,17 @@ class StreamingGenerator:
 
 
 class PeakMemory:
-    """The peak GPU memory (bytes) of named parts of a stream, each the largest over its runs; nothing on a CPU.
-    Reading and resetting the allocator's peak does not wait for the device."""
+    """The peak GPU memory (bytes) of named parts of a stream, each the largest over its runs; nothing on a CPU or
+    when not ``enabled``. Reading and resetting the allocator's peak does not wait for the device."""
 
-    def __init__(self, device):
+    def __init__(self, device, enabled: bool = True):
         self.device = torch.device(device)
+        self.enabled = bool(enabled)
         self.peaks: dict[str, int] = {}
 
     @contextmanager
     def measure(self, name: str):
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.enabled:
             yield
             return
         torch.cuda.reset_peak_memory_stats(self.device)

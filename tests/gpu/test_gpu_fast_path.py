@@ -135,7 +135,8 @@ def test_generator_reports_peak_memory_per_part():
     from memkit.rollout.vae import tiny_wan_vae
 
     h, prompt = injected()
-    gen = StreamingGenerator(h, prompt, seed=0, progress=False, vae=tiny_wan_vae().bfloat16(), vae_offload=True)
+    gen = StreamingGenerator(h, prompt, seed=0, progress=False, vae=tiny_wan_vae().bfloat16(), vae_offload=True,
+                             track_peak_memory=True)
     list(gen.stream(3))
     assert set(gen.peak_memory.peaks) == {"DiT", "VAE decode"}
     assert all(v > 0 for v in gen.peak_memory.peaks.values())

@@ -16,7 +16,7 @@ def naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, outpu
     q, k: (B, T, H, K); v: (B, T, H, V); g, beta: (B, T, H); state (B, H, K, V). With ``q=None`` only the
     final state is computed: ``(None, final_state)``.
     """
-    dtype = compute_dtype(q, initial_state)
+    dtype = compute_dtype(k, initial_state)
     k, v, g, beta = (t.to(dtype) for t in (k, v, g, beta))
     B, T, H, K = k.shape
     S = k.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
