@@ -175,9 +175,8 @@ class WanAdapter(BackboneAdapter):
         return list(self.model.blocks)
 
     def begin_fast_pass(self, handle, encoder_hidden_states, kwargs):
-        # The prompt's K/V per block, from the model's own text (and image) projection: cached per prompt, so only
-        # the projection runs again, once per pass instead of inside every block.
-        # The context exactly as the model builds it ([image | text]) and each processor splits it.
+        # The prompt's K/V per block (cached per prompt), looked up once per pass instead of inside every block,
+        # from the context exactly as the model builds it ([image | text]) and each processor splits it.
         cond = self.model.condition_embedder
         context = cond.text_embedder(encoder_hidden_states)
         image = kwargs.get("encoder_hidden_states_image")
