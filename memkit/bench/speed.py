@@ -9,6 +9,7 @@ chunk spent in the memory's own operations, and the fraction of the roofline rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -181,25 +182,25 @@ def check_fast_path(h, prompt, setup: SpeedSetup) -> dict[str, list[float]]:
 def _time_stream(r: VariantResult, gen, setup: SpeedSetup, device, limit: float | None, progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    from memkit.rollout.generator import PeakMemory
+
     stream = gen.stream(setup.chunks)
-    spent = 0.0
+    spent, peaks = 0.0, PeakMemory(device)
     bar = tqdm(total=setup.chunks, desc=f"{r.name}", unit="chunk", disable=not progress)
     try:
         for i in range(1, setup.chunks + 1):
-            if device.type == "cuda" and i in setup.probes:
-                torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                next(stream)
-            except torch.cuda.OutOfMemoryError:
-                r.stopped = f"out of memory at chunk {i}"
-                break
-            _sync(device)
-            r.times_ms.append(1e3 * (time.perf_counter() - t0))
-            if device.type == "cuda" and i in setup.probes:
-                r.peak_gib[i] = torch.cuda.max_memory_allocated(device) / 2**30
-            spent += r.times_ms[-1] / 1e3
+            with peaks.measure(i) if i in setup.probes else contextlib.nullcontext():
+                _sync(device)
+                t0 = time.perf_counter()
+                try:
+                    next(stream)
+                except torch.cuda.OutOfMemoryError:
+                    r.stopped = f"out of memory at chunk {i}"
+                    break
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+            r.times_ms.append(1e3 * elapsed)
+            spent += elapsed
             bar.update()
             if limit is not None and spent > limit and i < setup.chunks:
                 r.stopped = f"stopped at chunk {i} after {spent:.0f} s (time limit)"
@@ -207,6 +208,8 @@ def _time_stream(r: VariantResult, gen, setup: SpeedSetup, device, limit: float 
     finally:
         bar.close()
         stream.close()
+        # the probes' peaks, of the chunks that finished
+        r.peak_gib = {i: b / 2**30 for i, b in peaks.peaks.items() if i <= len(r.times_ms)}
 
 
 def _median_chunk_ms(gen, chunks: int, device, warmup: int = 3) -> float:

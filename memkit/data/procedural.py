@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memkit.errors import ConfigError
-
-from .sources import ClipSource, check_index, check_positive_int, check_size, check_window, seed_of
+from .sources import RenderedSource, check_index, check_positive_int, check_size, check_window, seed_of
 
 SHAPE_KINDS = ("disc", "square", "ring", "bar")
 
@@ -59,7 +57,7 @@ class _Plan:
     shapes: tuple[_Shape, ...]
 
 
-class ProceduralVideos(ClipSource):
+class ProceduralVideos(RenderedSource):
     """``count`` deterministic videos of ``frames`` frames each, rendered on the fly at any size.
 
     Each video has a softly textured background scrolling slowly, and a few coloured shapes moving with constant
@@ -68,26 +66,12 @@ class ProceduralVideos(ClipSource):
     learn to follow it. The same ``seed`` gives the same videos in every process.
     """
 
-    modality = "video"
+    label = "procedural video"
 
     def __init__(self, count: int = 64, frames: int = 240, seed: int = 0, kinds: int = 4):
-        self.count = check_positive_int("count", count)
-        self.frames = check_positive_int("frames", frames)
+        super().__init__(count, frames, seed)
         self.kinds = check_positive_int("kinds", kinds)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
         self._family_offset = seed_of("family", seed) % self.kinds
-
-    def __len__(self) -> int:
-        return self.count
-
-    def describe(self, index: int) -> str:
-        return f"procedural video #{index} (seed {self.seed})"
-
-    def num_frames(self, index: int) -> int:
-        check_index(self, index)
-        return self.frames
 
     def family(self, index: int) -> int:
         """The pattern family of item ``index``; consecutive items cycle through all families."""

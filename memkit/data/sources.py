@@ -41,6 +41,31 @@ class ClipSource(ABC):
         """
 
 
+class RenderedSource(ClipSource):
+    """A source of ``count`` videos of ``frames`` frames each, rendered from ``seed`` (no files). Subclasses name
+    their items with :attr:`label` and implement :meth:`read`."""
+
+    modality = "video"
+    label: ClassVar[str]
+
+    def __init__(self, count: int, frames: int, seed: int):
+        self.count = check_positive_int("count", count)
+        self.frames = check_positive_int("frames", frames)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self, index: int) -> str:
+        return f"{self.label} #{index} (seed {self.seed})"
+
+    def num_frames(self, index: int) -> int:
+        check_index(self, index)
+        return self.frames
+
+
 def seed_of(*parts) -> int:
     """A 63-bit seed from any parts (seed, index, epoch, a label): the same in every process and platform."""
     digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()

@@ -21,7 +21,7 @@ import torch
 from memkit.errors import ConfigError, ShapeError
 
 from .procedural import _rgb
-from .sources import ClipSource, check_index, check_positive_int, check_size, check_window, seed_of
+from .sources import RenderedSource, check_index, check_positive_int, check_size, check_window, seed_of
 
 ACTIONS = ("stay", "left", "right", "up", "down")
 OBJECT_KINDS = ("disc", "square", "ring", "diamond", "cross")
@@ -64,7 +64,7 @@ class _World:
     objects: tuple[_Object, ...]
 
 
-class WorldVideos(ClipSource):
+class WorldVideos(RenderedSource):
     """``count`` videos of ``frames`` frames, each a camera wandering over its own static toroidal world.
 
     The world has ``world_cells x world_cells`` cells: a softly textured background of a per-video hue, and
@@ -80,15 +80,11 @@ class WorldVideos(ClipSource):
     same videos in every process.
     """
 
-    modality = "video"
+    label = "world video"
 
     def __init__(self, count: int = 64, frames: int = 240, seed: int = 0, *, view_cells: int = 8,
                  world_cells: int = 24, objects: int = 24, action_frames: int = 3, max_excursion: int = 6):
-        self.count = check_positive_int("count", count)
-        self.frames = check_positive_int("frames", frames)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        super().__init__(count, frames, seed)
         self.view_cells = check_positive_int("view_cells", view_cells)
         self.world_cells = check_positive_int("world_cells", world_cells)
         if world_cells < view_cells:
@@ -105,16 +101,6 @@ class WorldVideos(ClipSource):
         state = dict(self.__dict__)
         state["_worlds"] = {}  # a cache: workers render their own rather than receive copies
         return state
-
-    def __len__(self) -> int:
-        return self.count
-
-    def describe(self, index: int) -> str:
-        return f"world video #{index} (seed {self.seed})"
-
-    def num_frames(self, index: int) -> int:
-        check_index(self, index)
-        return self.frames
 
     def actions(self, index: int) -> torch.Tensor:
         """Each frame's action id (an index into :data:`ACTIONS`), long (frames,)."""
