@@ -1,5 +1,5 @@
 """The ``memkit`` command: ``demo``, ``doctor``, ``generate``, ``train``, ``encode``, ``bench memory``,
-``bench stream``, ``bench speed``, ``bench train``, ``bench quality``."""
+``bench stream``, ``bench speed``, ``bench train``, ``bench quality``, ``bench recall``."""
 
 from __future__ import annotations
 
@@ -189,10 +189,12 @@ def build_parser() -> ArgumentParser:
     tr.set_defaults(fn=_bench_train)
 
     from memkit.bench.quality import add_quality_parser
+    from memkit.bench.recall import add_recall_parser
     from memkit.bench.speed import add_speed_parser
 
     add_speed_parser(bsub)
     add_quality_parser(bsub)
+    add_recall_parser(bsub)
 
     sub.add_parser("train", help="fine-tune a memory with Lightning (memkit train --help)", add_help=False)
 

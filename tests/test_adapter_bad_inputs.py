@@ -191,6 +191,38 @@ def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_loa
         inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)
         memkit.load_memory(target, tmp_path / f"{name}.safetensors")
         assert all(torch.equal(target.state_dict()[k], v) for k, v in tensors.items())
+    # token writes saved before place codes existed were written without them: they load into "none" only
+    plain = tiny_model("wan", seed=1)
+    inject(plain, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, evict_aggregate="token",
+           global_position="none")
+    memkit.save_memory(plain, tmp_path / "t.safetensors")
+    tensors, meta = io.read(tmp_path / "t.safetensors", "memory weights")
+    for layer in meta["layers"].values():
+        del layer["config"]["global_position"]
+    io.write(tmp_path / "t_old.safetensors", tensors, meta)
+    target = tiny_model("wan")
+    inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, evict_aggregate="token",
+           global_position="none")
+    memkit.load_memory(target, tmp_path / "t_old.safetensors")
+    for position in ("learned", "rope"):  # keys with other place codes mean something else: refused, strict or not
+        coded = tiny_model("wan")
+        inject(coded, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, evict_aggregate="token",
+               global_position=position)
+        before = {k: v.clone() for k, v in coded.state_dict().items()}
+        with pytest.raises(CheckpointError, match=f"place codes 'none' in the file, '{position}' in the model; build "
+                                                  r"the memory with MemoryConfig\(global_position='none'\)"):
+            memkit.load_memory(coded, tmp_path / "t_old.safetensors", strict=False)
+        assert all(torch.equal(before[k], v) for k, v in coded.state_dict().items())
+    memkit.save_memory(coded, tmp_path / "rope.safetensors")  # and the other way round
+    with pytest.raises(CheckpointError, match="place codes 'rope' in the file, 'none' in the model"):
+        memkit.load_memory(target, tmp_path / "rope.safetensors")
+    frame_mean = tiny_model("wan")  # a frame's mean has no place: the option does not matter there
+    inject(frame_mean, "hybrid_gdn", chunk_frames=3, global_position="none")
+    memkit.save_memory(frame_mean, tmp_path / "fm.safetensors")
+    other = tiny_model("wan")
+    inject(other, "hybrid_gdn", chunk_frames=3)
+    memkit.load_memory(other, tmp_path / "fm.safetensors")
+    assert memkit.MemoryConfig.from_dict({"kind": "hybrid_gdn"}).global_position == "none"  # an old description
     spatial = tiny_model("wan", seed=1)
     inject(spatial, "hybrid_blockwise", chunk_frames=3, sink_frames=1, window_frames=3, blocks=1)
     memkit.save_memory(spatial, tmp_path / "b1.safetensors")
@@ -198,3 +230,17 @@ def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_loa
     inject(target, "hybrid_blockwise", chunk_frames=3, sink_frames=1, window_frames=3)
     with pytest.raises(CheckpointError, match="blocks: file 1, model 2"):
         memkit.load_memory(target, tmp_path / "b1.safetensors")
+
+
+def test_a_stream_state_from_other_place_codes_is_refused_naming_them():
+    made = inject(tiny_model("wan", seed=1), "hybrid_gdn", evict_aggregate="token", global_position="none")
+    state = made.init_state(1)
+    state = state.replace(info={"adapter": made.describe()})  # what the generator records
+    other = inject(tiny_model("wan"), "hybrid_gdn", evict_aggregate="token")
+    with pytest.raises(StateMismatchError, match="global_position: state none, adapter learned"):
+        other.check_state(state)
+    legacy = state.replace(info={**state.info, "adapter": {**state.info["adapter"], "memory": {
+        k: v for k, v in state.info["adapter"]["memory"].items() if k != "global_position"}}})
+    with pytest.raises(StateMismatchError, match="global_position: state none, adapter learned"):
+        other.check_state(legacy)  # a record from before place codes: written without them
+    made.check_state(legacy)

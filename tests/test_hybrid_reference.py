@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import memkit
 from memkit.errors import ConfigError
 from memkit.memory.hybrid import block_grid
-from memkit.ops import naive_attention
+from memkit.ops import Rope3D, naive_attention
 
 
 def gdn_gates(mem, x):
@@ -65,6 +65,32 @@ def mean_write(k, v, gates, tokens, share):
     return l2(k_sum / n), v_sum / n, {name: g / n / share for name, g in g_sum.items()}
 
 
+def place_rotate(t, angles):
+    """Rotate the channel pairs (2i, 2i+1) of ``t (B, H, D)`` by ``angles (H or 1, D/2)``, written out."""
+    a = angles.to(t.dtype)
+    out = t.clone()
+    out[..., 0::2] = t[..., 0::2] * a.cos() - t[..., 1::2] * a.sin()
+    out[..., 1::2] = t[..., 0::2] * a.sin() + t[..., 1::2] * a.cos()
+    return out
+
+
+def addressed(mem):
+    """Whether the memory's global keys carry their place: a place code, and writes that have a place."""
+    agg = mem.cfg.evict_aggregate
+    has_place = agg == "token" or (agg == "block_mean" and mem.kind != "hybrid_blockwise")
+    return mem.cfg.global_position != "none" and has_place
+
+
+def write_place(mem, n, block):
+    """The place (row of the phase table) of a write of token ``n`` of its frame, or of block ``block``."""
+    return block if mem.cfg.evict_aggregate == "block_mean" else n
+
+
+def read_place(mem, n):
+    """The place a token ``n`` of its frame reads with: its own, or its block's for block_mean writes."""
+    return block_of(mem, n) if mem.cfg.evict_aggregate == "block_mean" else n
+
+
 def frame_writes(mem, k, v, gates, frame):
     """What one evicted frame writes into the global state(s): a list of (state, key, value, gates), keys and
     values ``(B, H, D)``, gates ``(B, H)``; ``state`` is the block for hybrid_blockwise, else 0.
@@ -80,22 +106,40 @@ def frame_writes(mem, k, v, gates, frame):
         blocks.setdefault(block_of(mem, n - frame * T), []).append(n)
     if mem.kind == "hybrid_blockwise":
         if agg == "frame_mean":
-            return [(b, *mean_write(k, v, gates, ts, 1)) for b, ts in sorted(blocks.items())]
-        return [(b, l2(k[:, n]), v[:, n], {name: g[:, n] / len(ts) for name, g in gates.items()})
-                for b, ts in sorted(blocks.items()) for n in ts]
-    if agg == "token":
-        return [(0, l2(k[:, n]), v[:, n], {name: g[:, n] / T for name, g in gates.items()}) for n in tokens]
-    if agg == "frame_mean":
-        return [(0, *mean_write(k, v, gates, tokens, 1))]
-    return [(0, *mean_write(k, v, gates, ts, len(blocks))) for _, ts in sorted(blocks.items())]
+            writes = [(b, *mean_write(k, v, gates, ts, 1)) for b, ts in sorted(blocks.items())]
+        else:
+            writes = [(b, l2(k[:, n]), v[:, n], {name: g[:, n] / len(ts) for name, g in gates.items()}, n - frame * T)
+                      for b, ts in sorted(blocks.items()) for n in ts]
+    elif agg == "token":
+        writes = [(0, l2(k[:, n]), v[:, n], {name: g[:, n] / T for name, g in gates.items()}, n - frame * T)
+                  for n in tokens]
+    elif agg == "frame_mean":
+        writes = [(0, *mean_write(k, v, gates, tokens, 1))]
+    else:
+        writes = [(0, *mean_write(k, v, gates, ts, len(blocks)), b) for b, ts in sorted(blocks.items())]
+    if not addressed(mem):
+        return [w[:4] for w in writes]
+    # the key of a write carries its place: rotated by the phases of its token (or block) in the frame
+    phases = mem.global_phase.detach()
+    return [(state, place_rotate(key, phases[place]), value, gate) for state, key, value, gate, place in writes]
 
 
-def reference_hybrid(mem, q, k, v, x, chunk_sizes):
+def reference_hybrid(mem, q, k, v, x, chunk_sizes, rope=None):
+    """The outputs of a stream of chunks of ``chunk_sizes`` frames. With ``rope``: local attention rotates q and
+    the context at stream positions ("absolute") or at slots of [sink | window | chunk] ("relative"), and the
+    global state sees q, k before RoPE when its keys carry places, else as the cache holds them."""
     S, W, T, H, D = mem.sink_frames, mem.window_frames, mem.frame_tokens, mem.num_heads, mem.head_dim
     B = q.shape[0]
     gates_of, step = UPDATES[mem.kind]
     gates = gates_of(mem, x)
-    qn = l2(q)
+    absolute = rope is not None and mem.cfg.rope_mode == "absolute"
+    q_abs, k_abs = (rope(q, 0), rope(k, 0)) if absolute else (q, k)
+    q_glob, k_glob = (q, k) if addressed(mem) or not absolute else (q_abs, k_abs)
+    if addressed(mem):
+        phases = mem.global_phase.detach()
+        q_glob = torch.stack([place_rotate(q_glob[:, n], phases[read_place(mem, n % T)])
+                              for n in range(q.shape[1])], dim=1)
+    qn = l2(q_glob)
     out = torch.zeros_like(q)
     states = mem.cfg.blocks**2 if mem.kind == "hybrid_blockwise" else 1
     M = torch.zeros(states, B, H, D, D, dtype=q.dtype)
@@ -106,10 +150,13 @@ def reference_hybrid(mem, q, k, v, x, chunk_sizes):
         keys = sorted(set(range(min(S, c0))) | set(range(max(S, c0 - W), c0)) | set(range(c0, c1)))
         idx = torch.tensor([f * T + i for f in keys for i in range(T)])
         sl = slice(c0 * T, c1 * T)
-        local = naive_attention(q[:, sl], k[:, idx], v[:, idx])
+        if rope is not None and not absolute:  # slots 0 .. n-1 of the context, the chunk last
+            local = naive_attention(rope(q[:, sl], len(keys) - (c1 - c0)), rope(k[:, idx], 0), v[:, idx])
+        else:
+            local = naive_attention(q_abs[:, sl], k_abs[:, idx], v[:, idx])
         # global: frames S .. c0 - W - 1 have been written, one frame at a time
         while written < max(0, c0 - W - S):
-            for s, key, value, gate in frame_writes(mem, k, v, gates, S + written):
+            for s, key, value, gate in frame_writes(mem, k_glob, v, gates, S + written):
                 for b in range(B):
                     for h in range(H):
                         M[s, b, h] = step(mem, M[s, b, h], key[b, h], value[b, h],
@@ -214,11 +261,13 @@ def test_hybrid_matches_the_equations_for_any_chunking(case, sink, window, sizes
     assert rel_err(y, ref) < 1e-10 and state.frames == 10
 
 
-@pytest.mark.parametrize("kind", list(UPDATES))
-def test_float32_memory_under_bf16_autocast_follows_the_equations_within_bf16_rounding(kind):
+@pytest.mark.parametrize("kind,aggregate", [(kind, "frame_mean") for kind in UPDATES] + [
+    ("hybrid_gdn", "token"), ("hybrid_ssd", "block_mean"), ("hybrid_blockwise", "token")])  # keys with places
+def test_float32_memory_under_bf16_autocast_follows_the_equations_within_bf16_rounding(kind, aggregate):
     """Not only the dtypes: bf16 chunks through a float32 memory under autocast give the float64 equations' values
     (on the same bf16-rounded inputs) within bf16 rounding, far closer than an output without the global read."""
-    mem = make_memory(kind, dtype=torch.float32, sink_frames=1, window_frames=1, horizon_frames=6)
+    mem = make_memory(kind, dtype=torch.float32, sink_frames=1, window_frames=1, horizon_frames=6,
+                      evict_aggregate=aggregate)
     q, k, v, x = (t.bfloat16() for t in make_clip(mem, frames=7, dtype=torch.float32))
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -243,3 +292,53 @@ def test_block_grid_assigns_each_token_its_block_by_hand(shape, blocks, expected
     assert block_grid(shape, blocks, "hybrid_blockwise").tolist() == expected
     with pytest.raises(ConfigError, match="needs a token grid of at least"):
         block_grid((1, 8), 2, "hybrid_blockwise")
+
+
+@pytest.mark.parametrize("kind,aggregate", CASES)
+@pytest.mark.parametrize("position", ["none", "rope", "learned"])
+@pytest.mark.parametrize("rope_mode", [None, "absolute", "relative"])
+def test_place_codes_follow_the_equations_in_every_rope_mode(kind, aggregate, position, rope_mode):
+    """Keys written with their place's phases, queries read with theirs, and (absolute RoPE with ``rope=``) the
+    global state fed keys and queries before RoPE: streaming and parallel against the equations."""
+    mem = make_memory(kind, frame_tokens=6, frame_shape=(2, 3), sink_frames=1, window_frames=2, horizon_frames=6,
+                      evict_aggregate=aggregate, global_position=position, rope_mode=rope_mode or "absolute")
+    rope = None if rope_mode is None else Rope3D(mem.head_dim, 2, 3)
+    q, k, v, x = make_clip(mem, batch=2, frames=9)
+    with torch.no_grad():
+        y, _, _ = stream(mem, q, k, v, x, 2, rope)
+        parallel = mem.parallel(q, k, v, x, 2, rope=rope)
+        ref = reference_hybrid(mem, q, k, v, x, cover([2], 9), rope)
+    assert rel_err(y, ref) < 1e-10 and rel_err(parallel, ref) < 1e-10
+
+
+@pytest.mark.parametrize("kind,aggregate", [c for c in CASES if c[1] != "frame_mean"])
+def test_place_codes_are_part_of_the_equations(kind, aggregate):
+    """The reference tells keys with and without places apart (a write stripped of its place fails the tests above),
+    and a frame's mean has no place: there the option changes nothing."""
+    outs = {}
+    for position in ("none", "learned"):
+        mem = make_memory(kind, frame_tokens=6, frame_shape=(2, 3), sink_frames=1, window_frames=2,
+                          horizon_frames=6, evict_aggregate=aggregate, global_position=position)
+        assert mem.addressed == (position == "learned")
+        q, k, v, x = make_clip(mem, batch=2, frames=9)
+        with torch.no_grad():
+            outs[position] = reference_hybrid(mem, q, k, v, x, cover([2], 9))
+    assert rel_err(outs["learned"], outs["none"]) > 1e-2
+    mean = make_memory(kind, frame_tokens=6, frame_shape=(2, 3), evict_aggregate="frame_mean")
+    assert not mean.addressed and not hasattr(mean, "global_phase")
+
+
+def test_rope_place_phases_are_a_3d_ropes_spatial_angles_by_hand():
+    """head_dim 12 on a 2 x 3 grid: 4 time channels (not rotated), 4 for rows, 4 for columns, each axis at
+    frequencies 1 and 1/100 (theta 10000 over 4 channels)."""
+    mem = make_memory("hybrid_gdn", head_dim=12, frame_tokens=6, frame_shape=(2, 3), evict_aggregate="token",
+                      global_position="rope", perturb=False)
+    expected = torch.tensor([[0, 0, r, r / 100, c, c / 100] for r in range(2) for c in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(mem.global_phase[:, 0], expected)
+    blocks = make_memory("hybrid_gdn", head_dim=12, frame_tokens=16, frame_shape=(4, 4), evict_aggregate="block_mean",
+                         blocks=2, global_position="rope", perturb=False)
+    expected = torch.tensor([[0, 0, r, r / 100, c, c / 100] for r in range(2) for c in range(2)], dtype=torch.float64)
+    torch.testing.assert_close(blocks.global_phase[:, 0], expected)
+    assert "global_phase" not in blocks.state_dict()  # fixed: a function of the config, not a weight
+    learned = make_memory("hybrid_gdn", head_dim=12, frame_tokens=6, frame_shape=(2, 3), evict_aggregate="token")
+    assert learned.global_phase.shape == (6, 2, 6) and "global_phase" in learned.state_dict()

@@ -18,6 +18,7 @@ case = st.fixed_dictionaries({
     "frames": st.integers(1, 12), "chunk_frames": st.integers(1, 4),
     "sink_frames": st.integers(0, 3), "window_frames": st.integers(1, 4),
     "evict_aggregate": st.sampled_from(["token", "frame_mean", "block_mean"]),
+    "global_position": st.sampled_from(["none", "rope", "learned"]),
     "rope": st.sampled_from([None, "absolute", "relative"]),
     "dtype": st.sampled_from([torch.float64, torch.float32]),
     "gate_scale": st.floats(0.1, 3.0), "seed": st.integers(0, 2**16),
@@ -33,6 +34,7 @@ def build(c):
         frame_shape=(c["height"], c["width"]), blocks=min(c["height"], c["width"]),
         dtype=c["dtype"], seed=c["seed"], sink_frames=c["sink_frames"], window_frames=c["window_frames"],
         evict_aggregate=aggregate, rope_mode=c["rope"] or "absolute", horizon_frames=8,
+        global_position=c["global_position"],
     )
     rope = None if c["rope"] is None else rope_for(mem, c["height"])
     q, k, v, x = make_clip(mem, c["batch"], c["frames"], c["dtype"], c["seed"])
@@ -106,16 +108,19 @@ def test_local_memories_follow_their_mask_for_any_chunking(kind, S, W, sizes, se
 
 @pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd", "hybrid_blockwise"])
 @pytest.mark.parametrize("agg", ["token", "frame_mean"])
-def test_hybrid_at_init_equals_sink_window_and_differs_once_trained(kind, agg):
-    cfg = dict(sink_frames=1, window_frames=2, evict_aggregate=agg)
-    hybrid = make_memory(kind, perturb=False, **cfg)
+@pytest.mark.parametrize("position,rope_mode", [("none", None), ("learned", None), ("learned", "absolute"),
+                                                ("learned", "relative"), ("rope", "absolute")])
+def test_hybrid_at_init_equals_sink_window_and_differs_once_trained(kind, agg, position, rope_mode):
+    cfg = dict(sink_frames=1, window_frames=2, evict_aggregate=agg, rope_mode=rope_mode or "absolute")
+    hybrid = make_memory(kind, perturb=False, global_position=position, **cfg)
     base = make_memory("sink_window", perturb=False, **cfg)
+    rope = None if rope_mode is None else rope_for(hybrid)
     q, k, v, x = make_clip(hybrid, frames=9)
-    y_h, _, _ = stream(hybrid, q, k, v, x, 2)
-    y_b, _, _ = stream(base, q, k, v, x, 2)
+    y_h, _, _ = stream(hybrid, q, k, v, x, 2, rope)
+    y_b, _, _ = stream(base, q, k, v, x, 2, rope)
     assert torch.equal(y_h, y_b)
     perturb_params(hybrid)
-    y_h2, _, _ = stream(hybrid, q, k, v, x, 2)
+    y_h2, _, _ = stream(hybrid, q, k, v, x, 2, rope)
     early = slice(0, 4 * hybrid.frame_tokens)  # chunks starting at frames 0 and 2 come before any eviction
     assert torch.equal(y_h2[:, early], y_b[:, early])
     assert rel_err(y_h2, y_b) > 1e-3

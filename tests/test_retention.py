@@ -77,3 +77,18 @@ def test_a_single_head_takes_the_longest_half_life():
     assert torch.allclose(mem.initial_rates(), torch.tensor([math.log(2) / 80.0]))
     with pytest.raises(ConfigError, match="blocks=8 needs a token grid of at least 8x8"):
         fresh("hybrid_blockwise", 16, blocks=8)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("kind,aggregate", [("hybrid_gdn", "token"), ("hybrid_gdn", "block_mean"),
+                                            ("hybrid_blockwise", "token")])
+def test_the_probe_reads_place_coded_writes_back_with_their_places(kind, aggregate, position):
+    """Keys that carry their place are read back with the same place codes: on random frames the codes cost no
+    retention (a read without them would find next to nothing)."""
+    coded = fresh(kind, 16, evict_aggregate=aggregate, global_position=position)
+    plain = fresh(kind, 16, evict_aggregate=aggregate, global_position="none")
+    assert coded.addressed and not plain.addressed
+    lags = [0, 6, 60]
+    kept, kept_plain = retention(coded, lags), retention(plain, lags)
+    assert kept[0, -3:].mean() > 0.9
+    assert (kept - kept_plain)[:, -3:].abs().max() < 0.05

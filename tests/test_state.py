@@ -93,6 +93,13 @@ def test_fingerprint_covers_only_what_shapes_the_state(tmp_path):
     assert make_memory("hybrid_gdn", evict_aggregate="token").fingerprint != h[0]
     assert make_memory("hybrid_gdn", blocks=1).fingerprint == h[0]  # blocks only shape spatial writes
     assert make_memory("hybrid_gdn", halflife_frames=(2.0, 9.0)).fingerprint == h[0]  # an init, not a shape
+    assert make_memory("hybrid_gdn", global_position="none").fingerprint == h[0]  # a frame mean has no place
+    places = {p: make_memory("hybrid_gdn", evict_aggregate="token", global_position=p).fingerprint
+              for p in ("none", "rope", "learned")}
+    assert len(set(places.values())) == 3  # keys with and without place codes read back differently
+    grids = [make_memory("hybrid_gdn", frame_tokens=16, frame_shape=shape, evict_aggregate="token",
+                         global_position="rope").fingerprint for shape in ((4, 4), (2, 8))]
+    assert grids[0] != grids[1]  # the same 16 tokens on another grid: other places
     spatial = [make_memory(kind, frame_tokens=16, frame_shape=shape, **cfg).fingerprint
                for kind, cfg in (("hybrid_gdn", {"evict_aggregate": "block_mean"}), ("hybrid_blockwise", {}))
                for shape in ((4, 4), (2, 8))]

@@ -5,7 +5,9 @@ A chunk is ``passes`` forwards of ``chunk_frames`` latent frames (4 denoising re
 forward: every linear layer of every block, self-attention over [held frames | chunk], cross-attention over the
 prompt (its K/V are cached per prompt, so their projections are not counted), the global memory's read-out and
 gates, the patch embedding and output projection, the time and text embedders. The scan that writes evicted
-frames into a global state is not counted (a few ``head_dim x head_dim`` updates per layer and chunk). Bytes: every
+frames into a global state is not counted (a few ``head_dim x head_dim`` updates per layer and chunk), nor is
+elementwise work (norms, RoPE, and the rotation of global-memory queries by their places' phases: 3 FLOPs per
+query element). Bytes: every
 weight read once per pass and every held key and value read once per pass (activations are not counted).
 """
 

@@ -58,6 +58,22 @@ class Memory(nn.Module):
         """More of what shapes this memory's states (e.g. the token grid of a memory that groups tokens by place)."""
         return {}
 
+    @classmethod
+    def has_places(cls, evict_aggregate: str) -> bool:
+        """Whether this variant's global writes of ``evict_aggregate`` carry a place in the frame (then
+        ``MemoryConfig.global_position`` applies to them)."""
+        return False
+
+    @classmethod
+    def place_code(cls, config: dict) -> str:
+        """The place code a recorded config of this variant writes with: its ``global_position`` where writes have
+        places, else ``"none"`` (a record from before the field: ``"none"``)."""
+        from .config import LEGACY, MemoryConfig
+
+        if not cls.has_places(config.get("evict_aggregate", MemoryConfig.evict_aggregate)):
+            return "none"
+        return config.get("global_position", LEGACY["global_position"])
+
     def extra_repr(self) -> str:
         heads = f"{self.num_heads}x{self.head_dim}"
         return f"kind={self.kind}, heads={heads}, dim={self.dim}, frame_tokens={self.frame_tokens}"

@@ -11,6 +11,10 @@ from memkit.errors import ConfigError
 
 ROPE_MODES = ("absolute", "relative")
 EVICT_AGGREGATES = ("token", "frame_mean", "block_mean")
+GLOBAL_POSITIONS = ("none", "rope", "learned")
+#: What a field meant before it existed: a recorded config (a weights file, a saved model's description) that
+#: lacks the field was made with this value, which may differ from today's default.
+LEGACY = {"global_position": "none"}
 ATTENTION_BACKENDS = ("auto", "torch", "naive", "xformers")
 SCAN_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 
@@ -32,6 +36,14 @@ class MemoryConfig:
         and of ``hybrid_blockwise``'s per-block states.
     halflife_frames: (shortest, longest) initial retention half-life of the
         global memory's heads, in frames; heads are spread log-uniformly.
+    global_position: how the global state's keys, and the queries that read
+        it, carry the place in the frame of what they hold, so that a place
+        can be looked up again: "learned" (default) rotates them by learned
+        phases of their place (a token, or a block of "block_mean"), "rope"
+        by the fixed spatial angles of a 3D RoPE, "none" leaves them as the
+        cache holds them. With a place code the state holds keys without the
+        stream's RoPE, so a lookup does not depend on when the place was seen.
+        A "frame_mean" write has no place: there it changes nothing.
     rope_mode: "absolute" caches keys rotated at their stream positions;
         "relative" rotates [sink | window | chunk] by slot on every read (needs
         ``rope=`` on read/commit/parallel; q, k then arrive un-rotated).
@@ -46,6 +58,7 @@ class MemoryConfig:
     evict_aggregate: str = "frame_mean"
     blocks: int = 2
     halflife_frames: tuple[float, float] = (1.0, 128.0)
+    global_position: str = "learned"
     rope_mode: str = "absolute"
     attention_backend: str = "auto"
     scan_backend: str = "auto"
@@ -73,6 +86,10 @@ class MemoryConfig:
             )
         if self.scan_backend not in SCAN_BACKENDS:
             raise ConfigError(f"MemoryConfig.scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        if self.global_position not in GLOBAL_POSITIONS:
+            raise ConfigError(
+                f"MemoryConfig.global_position must be one of {GLOBAL_POSITIONS}, got {self.global_position!r}"
+            )
         if self.evict_aggregate not in EVICT_AGGREGATES:
             raise ConfigError(
                 f"MemoryConfig.evict_aggregate must be one of {EVICT_AGGREGATES}, got {self.evict_aggregate!r}"
@@ -96,11 +113,13 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryConfig":
+        """A recorded config (``to_dict``'s output). A field it lacks was recorded before the field existed and
+        takes the value that meant then (:data:`LEGACY`), else the default."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"MemoryConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**LEGACY, **d})
 
     def fingerprint(self, state_fields: tuple[str, ...], **dims: int) -> str:
         """A short hash of what shapes a state: the kind, the given config fields and the layer's dims."""

@@ -8,6 +8,13 @@ that to the local attention output, weighted per head by the position-aware
 router ``gamma = sigmoid(w * log((t + 1) / T) + b)`` with ``t`` the frames
 streamed so far and ``T`` the horizon (``(t + 1) / T`` clamped to 1).
 
+Places. With ``global_position`` ("learned" by default, or "rope") each write's key is rotated by phases of its
+place in the frame (the token's, or the block's for "block_mean"), and so is each reading query by the phases of
+its own place: the state is then addressed by what and where, and a revisited place reads back what was written
+there (keys that only say *what* can hold one summary per thing, not per place). Keys and queries reach the global
+state without the stream's RoPE (in "absolute" mode with ``rope=`` evicted keys are rotated back, and reads use
+the queries before RoPE), so a lookup does not depend on when the place was seen.
+
 Time scales are counted in frames. An evicted frame is written as ``W`` items
 (``evict_aggregate``: its mean, ``W = 1``; one mean per spatial block; or every
 token, ``W = frame_tokens``), and every gate (log-decay, write strength, step)
@@ -31,6 +38,7 @@ from torch import nn
 
 from memkit.errors import ConfigError
 from memkit.ops import backends
+from memkit.ops.rope import Rope3D, rotate
 from memkit.state import state_dtype
 
 from .local import LocalMemory
@@ -49,6 +57,7 @@ class HybridMemory(LocalMemory):
     ``scan_kernels``: the accelerated backends their scan can use."""
 
     state_fields = ("sink_frames", "window_frames", "rope_mode", "evict_aggregate")
+    # (global_position shapes a state too; it enters the fingerprint where it takes effect, see _fingerprint_extra)
     scan_kernels: tuple[str, ...] = ()
     # Parameters of the read path (the rest write the global state: gates and decays).
     read_parameters: tuple[str, ...] = ("out_gate", "norm_weight", "router_w", "router_b")
@@ -68,6 +77,16 @@ class HybridMemory(LocalMemory):
         if self.spatial:
             block_grid(self.frame_shape, cfg.blocks, self.kind)  # a grid too fine for the frame fails here
         self._constants: dict = {}
+        if self.addressed:
+            if D % 2:
+                raise ConfigError(f"{self.kind}: global_position={cfg.global_position!r} rotates channel pairs and "
+                                  f"needs an even head_dim, got {D} (global_position='none' writes keys without "
+                                  f"place codes)")
+            phases = self._initial_phases()
+            if cfg.global_position == "learned":
+                self.global_phase = nn.Parameter(phases)
+            else:  # fixed: a function of the config, rebuilt with the memory
+                self.register_buffer("global_phase", phases, persistent=False)
 
     def _constant(self, name: str, make, device, dtype=None):
         """A constant of this memory (pooling weights, token indices; ``make()`` builds it on the CPU) on ``device``,
@@ -86,7 +105,60 @@ class HybridMemory(LocalMemory):
         return self.cfg.evict_aggregate == "block_mean"
 
     def _fingerprint_extra(self) -> dict:
-        return {"blocks": self.cfg.blocks, "frame_shape": list(self.frame_shape)} if self.spatial else {}
+        extra = {"blocks": self.cfg.blocks, "frame_shape": list(self.frame_shape)} if self.spatial else {}
+        if self.addressed:  # a state written with place codes reads back only with them, on the same grid
+            extra.update(global_position=self.cfg.global_position, frame_shape=list(self.frame_shape))
+        return extra
+
+    # -- places: what the global state's keys say about where ------------------------------------
+    @classmethod
+    def has_places(cls, evict_aggregate: str) -> bool:
+        return evict_aggregate in ("token", "block_mean")
+
+    def _place_grid(self) -> tuple[int, int]:
+        """The grid (rows, columns) of the places the global writes carry: the frame's tokens for "token" writes,
+        the blocks for "block_mean"."""
+        if self.cfg.evict_aggregate == "block_mean":
+            return self.cfg.blocks, self.cfg.blocks
+        return self.frame_shape
+
+    @property
+    def addressed(self) -> bool:
+        """Whether the global state's keys carry their place (``global_position`` and writes that have one)."""
+        return self.cfg.global_position != "none" and self.has_places(self.cfg.evict_aggregate)
+
+    def _initial_phases(self) -> torch.Tensor:
+        """``(places, heads or 1, head_dim // 2)`` rotation angles of each place: for "rope" a 3D RoPE's spatial
+        angles on the place grid (the time channels stay unrotated); for "learned" uniform in ``[0, 2 pi)`` per
+        head, whose codes for different places are close to orthogonal from the start."""
+        rows, cols = self._place_grid()
+        if self.cfg.global_position == "rope":
+            if self.head_dim < 6:
+                raise ConfigError(f"{self.kind}: global_position='rope' needs head_dim >= 6, got {self.head_dim}")
+            return Rope3D(self.head_dim, rows, cols).angles(torch.zeros(1, dtype=torch.long)).float()[:, None]
+        return torch.rand(rows * cols, self.num_heads, self.head_dim // 2) * (2 * math.pi)
+
+    def _write_places(self) -> torch.Tensor:
+        """The place of each of a frame's writes, in the order :meth:`_aggregate` makes them."""
+        rows, cols = self._place_grid()
+        return torch.arange(rows * cols)
+
+    def _read_places(self) -> torch.Tensor:
+        """The place of each token of a frame when it reads: its own token, or its block."""
+        if self.cfg.evict_aggregate == "block_mean":
+            return block_grid(self.frame_shape, self.cfg.blocks, self.kind).flatten()
+        return torch.arange(self.frame_tokens)
+
+    def _address(self, t: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """Keys or queries ``t (B, n, H, D)`` rotated by the phases of ``places`` (one per item of a frame, repeated
+        over the ``n // len(places)`` frames); computed in the state dtype, returned in ``t``'s (a write's keys and
+        values share one)."""
+        phase = self.global_phase[places].to(state_dtype(t.dtype))
+        frames = t.shape[1] // len(places)
+        return rotate(t, phase.cos().repeat(frames, 1, 1), phase.sin().repeat(frames, 1, 1))
+
+    def _global_strips_rope(self, rope) -> bool:
+        return self.addressed and rope is not None and self.cfg.rope_mode == "absolute"
 
     def initial_rates(self) -> torch.Tensor:
         """Per head, the initial per-frame log-retention rate ``ln 2 / half-life`` (half-lives log-spaced over
@@ -135,7 +207,10 @@ class HybridMemory(LocalMemory):
         return torch.sigmoid(self.router_w * pos + self.router_b)
 
     def _readout(self, tensors, q: torch.Tensor) -> torch.Tensor:
-        """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames), in the state dtype."""
+        """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames; each rotated by its
+        place's phases where writes carry places), in the state dtype."""
+        if self.addressed:
+            q = self._address(q, self._constant("read_places", self._read_places, q.device))
         return read_state(tensors["global.M"], q)
 
     def _global_read(self, tensors, q, x, t):
@@ -154,7 +229,8 @@ class HybridMemory(LocalMemory):
 
     def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Evicted tokens ``(B, frames * T, ...)`` -> the frames' writes ``(B, frames * W, ...)``, each gate divided by
-        ``W`` (a frame's gate is shared by its writes)."""
+        ``W`` (a frame's gate is shared by its writes), each key rotated by its place's phases where writes carry
+        places."""
         pooling, W = self._pooling, self._writes_per_frame
         out = {}
         for name, e in evicted.items():
@@ -163,10 +239,20 @@ class HybridMemory(LocalMemory):
                 weights = self._constant("pooling", lambda: pooling, e.device, e.dtype)
                 e = torch.einsum("wt,bft...->bfw...", weights, frames).flatten(1, 2)
             out[name] = e if name in ("k", "v") or W == 1 else e / W
+        if self.addressed:
+            out["k"] = self._address(out["k"], self._constant("write_places", self._write_places, out["k"].device))
         return out
 
+    def _items(self, evicted: dict[str, torch.Tensor]):
+        """What :meth:`_write_prepared` folds into the state for an evicted payload (this layer's parameters, such
+        as its place phases, are applied here; the fold itself reads none unless ``write_uses_parameters``)."""
+        return self._aggregate(evicted)
+
+    def _write_prepared(self, M, items) -> torch.Tensor:
+        return self._write_items(M, items)
+
     def _write(self, M, evicted: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._write_items(M, self._aggregate(evicted))
+        return self._write_prepared(M, self._items(evicted))
 
     def _write_items(self, M, items: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scan the writes ``items`` (``{"k", "v", gates}``, in time order) into the state ``M``."""
@@ -193,13 +279,14 @@ class HybridMemory(LocalMemory):
     def _global_write_many(cls, memories, tensors, evicted):
         """The layers' writes as one scan over ``layers x batch`` streams: the gates were computed when the tokens
         entered the window, so a write needs no parameter of its layer (unless ``write_uses_parameters``)."""
-        if cls.write_uses_parameters or len(memories) == 1:
+        if cls.write_uses_parameters or len(memories) == 1 or cls._write is not HybridMemory._write:
+            # (a variant that overrides _write, not _items / _write_prepared, is written layer by layer)
             return super()._global_write_many(memories, tensors, evicted)
         batch = tensors[0]["global.M"].shape[0]
         M = torch.cat([layer["global.M"] for layer in tensors])
-        joined = {name: torch.cat([ev[name] for ev in evicted]) for name in evicted[0]}
+        joined = _cat_items([mem._items(ev) for mem, ev in zip(memories, evicted)])
         # Clones: each state owns its tensors (safetensors refuses tensors that share storage).
-        for layer, new in zip(tensors, memories[0]._write(M, joined).split(batch)):
+        for layer, new in zip(tensors, memories[0]._write_prepared(M, joined).split(batch)):
             layer["global.M"] = new.clone()
 
     def _global_parallel(self, q, k, v, x, chunk_frames):
@@ -218,6 +305,13 @@ class HybridMemory(LocalMemory):
             sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
             outs.append(self._global_read({"global.M": M}, q[:, sl], x[:, sl], c0))
         return torch.cat(outs, dim=1)
+
+
+def _cat_items(items: list):
+    """Several layers' write items (a dict of ``(B, ...)`` tensors, or a list of them) joined along the batch."""
+    if isinstance(items[0], dict):
+        return {name: torch.cat([it[name] for it in items]) for name in items[0]}
+    return [_cat_items([it[i] for it in items]) for i in range(len(items[0]))]
 
 
 def read_state(M: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ The frame's token grid is cut into a ``blocks x blocks`` grid. Each block carrie
 along time over what that block evicts (its mean per frame with ``evict_aggregate="frame_mean"``, or its tokens
 in raster order with ``"token"``), so the global memory keeps *where* things were; a token reads the state of
 its own block. The update and the gates are those of ``hybrid_gdn``, per frame and shared by the block's writes
-of that frame.
+of that frame. With ``"token"`` writes, ``global_position`` tells the tokens of a block apart by their place in
+the frame, as in ``hybrid_gdn``; a block's mean needs no place code (its state is its place).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ class HybridBlockwiseMemory(HybridGDNMemory):
     def spatial(self) -> bool:
         return True
 
+    @classmethod
+    def has_places(cls, evict_aggregate: str) -> bool:
+        return evict_aggregate == "token"  # a block's mean: its state is its place
+
+    def _read_places(self):
+        return torch.arange(self.frame_tokens)
+
     @functools.cached_property
     def _block_tokens(self) -> list[torch.Tensor]:
         """Per block, the indices of its tokens within a frame (raster order)."""
@@ -48,7 +56,8 @@ class HybridBlockwiseMemory(HybridGDNMemory):
         return {"global.M": torch.zeros(batch, n, self.num_heads, D, D, device=device, dtype=state_dtype(dtype))}
 
     def _groups(self, evicted: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Per block, its writes ``(B, n_b, ...)`` in time order, each gate divided by the block's writes per frame."""
+        """Per block, its writes ``(B, n_b, ...)`` in time order, each gate divided by the block's writes per frame
+        (token keys rotated by their places' phases where ``global_position`` applies)."""
         groups = []
         for idx in self._constant("block_tokens", lambda: self._block_tokens, next(iter(evicted.values())).device):
             group = {}
@@ -59,11 +68,15 @@ class HybridBlockwiseMemory(HybridGDNMemory):
                 else:
                     part = part.flatten(1, 2)
                     group[name] = part if name in ("k", "v") else part / len(idx)
+            if self.addressed:
+                group["k"] = self._address(group["k"], idx)
             groups.append(group)
         return groups
 
-    def _write(self, M, evicted):
-        groups = self._groups(evicted)
+    def _items(self, evicted):
+        return self._groups(evicted)
+
+    def _write_prepared(self, M, groups):
         if len({g["k"].shape[1] for g in groups}) == 1:  # equal blocks: one scan over (batch x blocks)
             stacked = {name: torch.stack([g[name] for g in groups], dim=1).flatten(0, 1) for name in groups[0]}
             return self._write_items(M.flatten(0, 1), stacked).unflatten(0, M.shape[:2])
@@ -71,6 +84,8 @@ class HybridBlockwiseMemory(HybridGDNMemory):
 
     def _readout(self, tensors, q):
         M = tensors["global.M"]
+        if self.addressed:
+            q = self._address(q, self._constant("read_places", self._read_places, q.device))
         qn = l2norm(q.to(M.dtype)).unflatten(1, (-1, self.frame_tokens))  # (B, frames, T, H, D)
         blocks = self._constant("block_tokens", lambda: self._block_tokens, q.device)
         parts = [torch.einsum("bfthk,bhkv->bfthv", qn[:, :, idx], M[:, b]) for b, idx in enumerate(blocks)]

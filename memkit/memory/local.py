@@ -51,6 +51,10 @@ class PreparedChunk:
     steady: bool                  # the memory is full: later chunks look like this one (see AdapterHandle.compile)
     commit: bool = False          # whether the pass in progress commits (set by the caller per pass)
     payload: dict[str, torch.Tensor] | None = None  # what a commit pass appends, for commit_many
+    # The stream's RoPE when the global memory takes keys and queries without it (see
+    # LocalMemory._global_strips_rope): the global read then uses the chunk's queries before RoPE, and
+    # commit_many turns the evicted keys back. None otherwise.
+    global_rope: Rope3D | None = None
 
     @property
     def held(self) -> int:
@@ -106,6 +110,24 @@ class LocalMemory(Memory):
 
     def _global_parallel(self, q, k, v, x, chunk_frames: int) -> torch.Tensor | None:
         return None
+
+    def _global_strips_rope(self, rope: Rope3D | None) -> bool:
+        """Whether the global memory takes keys and queries without the stream's RoPE while the cache holds
+        them rotated ("absolute" mode with ``rope=``): its reads then use the queries before RoPE, and evicted
+        keys are rotated back (:meth:`_unrotate_evicted`) before they are written."""
+        return False
+
+    def _first_evicted(self, t: int, frames: int) -> int:
+        """The stream index of the first frame a chunk of ``frames`` frames evicts after ``t`` committed ones
+        (evicted frames are consecutive: the window's oldest, then the chunk's first non-sink frames)."""
+        to_sink = min(frames, max(0, self.sink_frames - t))
+        return t - self._counts(t)[1] + to_sink
+
+    def _unrotate_evicted(self, evicted: dict[str, torch.Tensor], rope: Rope3D, t: int, frames: int) -> None:
+        """Undo the absolute RoPE of the evicted keys of a chunk of ``frames`` frames committed after ``t``."""
+        k = evicted["k"]
+        cos, sin = rope.tables(self._first_evicted(t, frames), k.shape[1] // self.frame_tokens, k.dtype, k.device)
+        evicted["k"] = rotate(k, cos, -sin)
 
     def _grows(self, name: str) -> bool:
         return self.window_frames is None and name.startswith("win.")
@@ -168,7 +190,9 @@ class LocalMemory(Memory):
     # -- streaming ----------------------------------------------------------------
     def _step(self, state, q, k, v, x, rope, advance):
         T, t = self.frame_tokens, state.frames
+        q_raw = q
         q, k = self._cache_qk(q, k, rope, t)
+        q_global = q_raw if self._global_strips_rope(rope) else q
         n_sink, n_win = self._counts(t)
         tensors = state.tensors
         ctx = {}
@@ -181,7 +205,7 @@ class LocalMemory(Memory):
         if rope is not None and self.cfg.rope_mode == "relative":
             q_att, k_att = rope(q, n_sink + n_win), rope(k_att, 0)
         y = attention(q_att, k_att, ctx["v"], backend=self.cfg.attention_backend)
-        g = self._global_read(tensors, q, x, t)
+        g = self._global_read(tensors, q_global, x, t)
         if g is not None:
             y = y + g
         if not advance:
@@ -189,6 +213,8 @@ class LocalMemory(Memory):
         new_tensors = dict(tensors)
         evicted = self._push(new_tensors, {"k": k, "v": v, **self._token_gates(x)}, t)
         if evicted is not None:
+            if self._global_strips_rope(rope):
+                self._unrotate_evicted(evicted, rope, t, q.shape[1] // T)
             self._global_write(new_tensors, evicted)
         return y, state.replace(new_tensors, frames=t + q.shape[1] // T)
 
@@ -235,7 +261,7 @@ class LocalMemory(Memory):
                 chunk_rope = rope.tables(t, chunk_frames, keys.dtype, keys.device)
         steady = self.window_frames is None or t > self.sink_frames + self.window_frames
         return PreparedChunk(state, keys, values, chunk_frames * T, chunk_rope, self._global_gamma(tensors, t),
-                             steady)
+                             steady, global_rope=rope if self._global_strips_rope(rope) else None)
 
     def read_prepared(self, chunk: PreparedChunk, q, k, v, x) -> torch.Tensor:
         """What ``read(chunk.state, q, k, v, x, rope)`` returns (``chunk`` from :meth:`prepare`)."""
@@ -261,7 +287,8 @@ class LocalMemory(Memory):
         y = attention(q_att, keys, chunk.values, backend=self.cfg.attention_backend)
         cached = (q_att, k_att) if self.cfg.rope_mode == "absolute" else (q, k)
         if chunk.gamma is not None:
-            y = y + self._global_mix(chunk.state.tensors, cached[0], x, chunk.gamma)
+            q_global = q if chunk.global_rope is not None else cached[0]
+            y = y + self._global_mix(chunk.state.tensors, q_global, x, chunk.gamma)
         return y, cached[1]
 
     @classmethod
@@ -273,7 +300,10 @@ class LocalMemory(Memory):
             if chunk.payload is None:
                 raise StateMismatchError("commit_many: a layer's chunk was not committed (no commit pass reached it)")
             layer = dict(chunk.state.tensors)
-            evicted.append(mem._push(layer, chunk.payload, chunk.state.frames))
+            out = mem._push(layer, chunk.payload, chunk.state.frames)
+            if out is not None and chunk.global_rope is not None:
+                mem._unrotate_evicted(out, chunk.global_rope, chunk.state.frames, chunk.tokens // mem.frame_tokens)
+            evicted.append(out)
             tensors.append(layer)
         if evicted[0] is not None:
             cls._global_write_many(memories, tensors, evicted)
@@ -284,6 +314,7 @@ class LocalMemory(Memory):
     def _recache(self, state, q, k, v, x, rope, chunk_ids):
         T, t = self.frame_tokens, state.frames
         held = torch.tensor(self.held_frames(t), device=q.device)
+        q_raw = q
         q_att, k_att = q, k
         if rope is not None and self.cfg.rope_mode == "absolute":
             q, k = rope(q, held), rope(k, held)  # the cache keeps keys rotated at their stream positions
@@ -300,7 +331,8 @@ class LocalMemory(Memory):
         tensors = state.tensors
         n_sink = self._counts(t)[0] * T
         # The global state holds evicted frames: older than every window frame, newer than the sink frames.
-        g = self._global_read(tensors, q[:, n_sink:], x[:, n_sink:], t)
+        q_global = q_raw if self._global_strips_rope(rope) else q
+        g = self._global_read(tensors, q_global[:, n_sink:], x[:, n_sink:], t)
         if g is not None:
             y = torch.cat([y[:, :n_sink], y[:, n_sink:] + g], dim=1)
         fresh = {"k": k, "v": v, **self._token_gates(x[:, n_sink:])}
@@ -318,6 +350,7 @@ class LocalMemory(Memory):
     def _parallel(self, q, k, v, x, chunk_frames, rope):
         T = self.frame_tokens
         frames = q.shape[1] // T
+        raw = (q, k) if self._global_strips_rope(rope) else None
         q, k = self._cache_qk(q, k, rope, 0)
         outs = []
         for c0 in range(0, frames, chunk_frames):
@@ -329,7 +362,8 @@ class LocalMemory(Memory):
                 qc, kc = rope(qc, len(ctx) - (c1 - c0)), rope(kc, 0)
             outs.append(attention(qc, kc, vc, backend=self.cfg.attention_backend))
         y = torch.cat(outs, dim=1)
-        g = self._global_parallel(q, k, v, x, chunk_frames)
+        q_global, k_global = (q, k) if raw is None else raw
+        g = self._global_parallel(q_global, k_global, v, x, chunk_frames)
         return y if g is None else y + g
 
 
