@@ -8,10 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-import memkit
-from memkit.bench.recall import REPORT_FILES, quick_setup, verdicts
+from memkit.bench.recall import REPORT_FILES, quick_setup
 from memkit.bench.recall_task import (
-    IGNORE, RecallNet, RecallSetting, RecallSetup, make_streams, reach, recall_of, stream_layout, training_lag,
+    IGNORE,
+    RecallNet,
+    RecallSetting,
+    RecallSetup,
+    make_streams,
+    reach,
+    recall_of,
+    stream_layout,
+    training_lag,
 )
 from memkit.cli import main
 from memkit.errors import ConfigError

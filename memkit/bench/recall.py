@@ -29,7 +29,15 @@ import torch
 from memkit.errors import ConfigError
 
 from .recall_task import (
-    IGNORE, VARIANTS, RecallNet, RecallSetting, RecallSetup, RecallStreams, make_streams, reach, recall_of,
+    IGNORE,
+    VARIANTS,
+    RecallNet,
+    RecallSetting,
+    RecallSetup,
+    RecallStreams,
+    make_streams,
+    reach,
+    recall_of,
 )
 
 REPORT_FILES = ["recall.md", "recall.json", "recall.png"]
@@ -319,7 +327,7 @@ def results_markdown(results: dict[str, SettingResult], setup: RecallSetup, wall
         ratio = f"{m.global_bytes / full_bytes:.3f}" if full_bytes and m.global_bytes else "-"
         lines.append(f"| `{r.setting.name}` | {r.lr:g} | " + " | ".join(cells)
                      + f" | {_kib(m.state_bytes)} | {_kib(m.global_bytes)} | {ratio} |")
-    capacity = [f"| memory | " + " | ".join(f"{s} scene{'s' if s > 1 else ''}" for s in setup.eval_scenes) + " |",
+    capacity = ["| memory | " + " | ".join(f"{s} scene{'s' if s > 1 else ''}" for s in setup.eval_scenes) + " |",
                 "|---|" + "---|" * len(setup.eval_scenes)]
     for r in results.values():
         capacity.append(f"| `{r.setting.name}` | " + " | ".join(_cell(r.recall(lag8, s)) for s in setup.eval_scenes)

@@ -254,7 +254,8 @@ class RecallNet(nn.Module):
         self.rope = Rope3D(setup.head_dim, setup.rows, setup.cols)
 
     def embed(self, symbols: torch.Tensor, cues: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, frames * tokens, dim)``, frame-major, from ``symbols (B, frames, tokens)``, ``cues (B, frames)``."""
+        """Tokens ``(B, frames * tokens, dim)``, frame-major, from ``symbols (B, frames, tokens)`` and
+        ``cues (B, frames)``."""
         return (self.symbols(symbols) + self.cues(cues)[:, :, None]).flatten(1, 2)
 
     def forward(self, symbols: torch.Tensor, cues: torch.Tensor) -> torch.Tensor:
