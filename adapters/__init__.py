@@ -9,11 +9,13 @@ pred = h.read(state, latents, timestep, prompt_embeds)            # a denoising 
 pred, state = h.commit(state, latents, timestep, prompt_embeds)   # the context pass
 adapters.remove(model)                                            # the stock model again
 ```
-One file per backbone family; the shared machinery is in ``base.py``.
+One file per backbone family; the shared machinery is one role per module (``base.py`` lists them).
 """
 
 from . import skyreels_v2, wan  # noqa: F401  (registers the backbones)
-from .base import AdapterHandle, BackboneAdapter, Dims, get_handle, inject, list_backbones, register_backbone, remove
+from .handle import AdapterHandle
+from .inject import get_handle, inject, remove
+from .registry import BackboneAdapter, Dims, list_backbones, register_backbone
 from .skyreels_v2 import random_skyreels_v2
 from .wan import WAN_CONFIGS, random_wan
 

@@ -3,8 +3,6 @@ randomly initialised config. Shared by ``memkit generate``, ``memkit train`` and
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +11,8 @@ from torch import nn
 
 from memkit.errors import ConfigError
 from memkit.ops._checks import DTYPES
+
+from .identity import backbone_identity
 
 FAMILIES = ("wan", "skyreels_v2")
 
@@ -91,13 +91,6 @@ def model_class(family: str):
     from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
 
     return {"wan": WanTransformer3DModel, "skyreels_v2": SkyReelsV2Transformer3DModel}[family]
-
-
-def backbone_identity(model: nn.Module) -> dict:
-    """What a training checkpoint records of the backbone it was made on: class and a hash of its config."""
-    config = dict(getattr(model, "config", {}) or {})
-    body = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
-    return {"class": type(model).__name__, "config_hash": hashlib.sha256(body.encode()).hexdigest()[:16]}
 
 
 def _is_diffusers_folder(path: Path) -> bool:

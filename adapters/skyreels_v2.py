@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import register_backbone
+from .registry import register_backbone
 from .wan import WAN_CONFIGS, WanAdapter, random_wan
 
 

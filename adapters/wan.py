@@ -16,7 +16,8 @@ from torch import nn
 from memkit.errors import ConfigError
 from memkit.ops._checks import autocast_dtype
 
-from .base import AdapterHandle, BackboneAdapter, Dims, register_backbone
+from .handle import AdapterHandle
+from .registry import BackboneAdapter, Dims, register_backbone
 
 # The stock processor of an image-conditioned (I2V) Wan model takes the last 512 context tokens as text.
 TEXT_CONTEXT_LENGTH = 512

@@ -16,7 +16,8 @@ from memkit.errors import ConfigError
 from memkit.ops._checks import DTYPES
 from memkit.outputs import check_outputs
 
-#: Exit codes: 0 done, 1 the work failed, 2 a bad command line or input, 130 interrupted.
+#: Exit codes: 0 done, 1 the work failed, 2 a bad command line or input, 130 interrupted (Ctrl-C); stopped by a
+#: signal: 128 + its number (143 SIGTERM, 129 SIGHUP).
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -216,15 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     console, errors = Console(), Console(stderr=True, soft_wrap=True)
     from memkit.errors import MemkitError
+    from memkit.signals import Terminated, stop_on_signals
 
     try:
-        if argv[:1] == ["train"]:  # Lightning's CLI parses its own flags
-            return _train(argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.fn(args, console)
+        with stop_on_signals():
+            if argv[:1] == ["train"]:  # Lightning's CLI parses its own flags
+                return _train(argv[1:])
+            args = build_parser().parse_args(argv)
+            return args.fn(args, console)
     except KeyboardInterrupt:
         _report(errors, "interrupted (outputs not finished were not written)", debug)
         return EXIT_INTERRUPTED
+    except Terminated as stop:
+        _report(errors, f"stopped by {stop.name} (outputs not finished were not written)", debug)
+        return stop.exit_code
     except (MemkitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         _report(errors, str(exc), debug)
         return EXIT_USAGE

@@ -21,6 +21,12 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
+    def _get_values(self, action, arg_strings):
+        # argparse drops a "--" value (``--seconds=--``) as the end of options and hands the flag an empty list
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one value, got '--'")
+        return super()._get_values(action, arg_strings)
+
 
 def positive_int(text: str) -> int:
     value = _number(text, int, "an integer")

@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from memkit.bench.memory import plot_results, print_results, run_memory_bench
+from memkit.bench.memory import plot_results, print_results, run_memory_bench, timing_caveat
 from memkit.memory import MemoryConfig, build_memory, list_memories
 
 
@@ -66,6 +68,10 @@ def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite
     results = run_memory_bench(chunks=chunks)
     title = f"{chunks} chunks x 3 frames x 64 tokens, 4x32 heads, sink 3 + window 6, CPU float32"
     print_results(results, "time per chunk and state size: " + title, console)
+    caveat = timing_caveat(results)
+    if caveat:
+        console.print(caveat, markup=False)
+        title += " (timings noisy here: a busy machine)"
     path = str(folder / DEMO_FILES[0])
     plot_results(results, path, title)
     console.print(f"plot written to {path}\n")
@@ -112,8 +118,10 @@ def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.
                   f"from its first {setup.chunk_frames} frames and the camera's actions "
                   f"({trained['steps']} training steps per model)")
     videos, psnr = {}, {}
+    chunks = frames // setup.chunk_frames
     for name, model in models.items():
-        out = model.rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0)
+        out = model.rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0,
+                            progress=chunk_lines(console, f"  {name}", chunks))
         videos[name] = out.video
         psnr[name] = frame_psnr(out.video, truth)
         console.print(f"  {name}: PSNR {psnr[name][setup.chunk_frames:].mean():.2f} dB over the generated frames, "
@@ -122,7 +130,8 @@ def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.
     first = next(iter(models))
     true_past = f"{first}, true past"
     videos[true_past] = models[first].rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0,
-                                              history=truth).video
+                                              history=truth, progress=chunk_lines(console, f"  {true_past}",
+                                                                                  chunks)).video
     psnr[true_past] = frame_psnr(videos[true_past], truth)
     console.print(f"  {true_past} (each chunk sampled from the true frames before it, not its own): PSNR "
                   f"{psnr[true_past][setup.chunk_frames:].mean():.2f} dB")
@@ -133,6 +142,21 @@ def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.
     plot_drift(psnr, labels["revisit"], setup.chunk_frames, fps, plot_path)
     console.print(f"video written to {video_path} (left to right: {', '.join(panels)})")
     console.print(f"drift plot written to {plot_path}")
+
+
+def chunk_lines(console: Console, label: str, total: int, lines: int = 4):
+    """A per-chunk callback that prints ``label: n/total chunks`` about ``lines`` times over ``total`` chunks (a
+    line a log can keep, where a progress bar would not draw)."""
+    marks = {math.ceil(total * i / lines) for i in range(1, lines)}
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if done in marks:
+            console.print(f"{label}: {done}/{total} chunks", markup=False)
+
+    return tick
 
 
 def side_by_side(panels: dict[str, torch.Tensor], actions: torch.Tensor, scale: int = 8) -> torch.Tensor:

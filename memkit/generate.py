@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from memkit.outputs import check_outputs
 from memkit.rollout.vae import decoded_frames
 
 VIDEO_FPS = 16  # Wan2.1's frame rate
+LONG_RUN_CHUNKS = 1000  # a run of more chunks says up front how long its video is, and after two chunks how long
+#                         the run will take
 PIXELS_PER_LATENT = 8
 FRAMES_PER_LATENT = 4  # Wan's VAE: one latent frame is 4 video frames (the first of a stream is 1)
 
@@ -165,6 +168,8 @@ def plan_generate(args) -> Plan:
     if settings["memory_weights"]:
         settings["memory_weights_sha256"] = _sha256(settings["memory_weights"])
         _check_same_weights(resume, settings)
+        if resume is None:
+            _settings_from_weights(settings, given)
     for flag, key in (("--height", "height"), ("--width", "width")):
         if settings[key] is not None and settings[key] % PIXELS_PER_LATENT:
             raise ConfigError(f"{flag} must be a multiple of {PIXELS_PER_LATENT}, got {settings[key]}")
@@ -212,6 +217,75 @@ def _check_inputs(args) -> None:
                        ("--prefix", args.prefix), ("--resume", args.resume)):
         if path is not None and Path(path).is_dir():
             raise ConfigError(f"{flag} {path} is a folder; give a file")
+
+
+#: Stream settings a memory-weights file records: the memory config's fields of the flags, and the adapter's.
+WEIGHTS_SETTINGS = {"memory": "kind", "sink_frames": "sink_frames", "window_frames": "window_frames",
+                    "rope_mode": "rope_mode"}
+
+
+def _settings_from_weights(settings: dict, given: dict) -> None:
+    """A new stream with ``--memory-weights`` takes the memory and chunk settings the weights were trained with
+    (and the frame size, where the file records its latent size), unless a flag gives them; a flag that
+    contradicts the file is an error naming both values."""
+    from memkit.memory import memory_weights_info
+
+    path = settings["memory_weights"]
+    info = memory_weights_info(path)
+    config = next(iter(info["layers"].values()), {}).get("config", {})
+    record = info["record"]
+    recorded = {key: config[field] for key, field in WEIGHTS_SETTINGS.items() if field in config}
+    if "chunk_frames" in record:
+        recorded["chunk_frames"] = record["chunk_frames"]
+    if "latent_size" in record:
+        recorded["height"], recorded["width"] = (PIXELS_PER_LATENT * n for n in record["latent_size"])
+    clash = [f"{FIXED[key][0]} {given[key]} (the weights: {value})" for key, value in recorded.items()
+             if key in given and given[key] != value]
+    if clash:
+        raise ConfigError(f"--memory-weights {path} was trained with other settings: {'; '.join(clash)}; leave "
+                          f"these flags out to use the weights' own")
+    settings.update({key: value for key, value in recorded.items() if key not in given})
+
+
+def memory_config(settings: dict, saved: dict | None = None):
+    """The memory config of a stream: the flags' fields from ``settings``; the rest (write granularity, place
+    codes, horizon, ...) from the saved stream's record (``saved``), else from the memory weights' file, else
+    the defaults. The backends and checks are this machine's (the defaults)."""
+    import memkit
+    from memkit.memory import memory_weights_info
+    from memkit.memory.weights import RUNTIME_FIELDS
+
+    fields = set(memkit.MemoryConfig().to_dict())
+    if saved is not None:
+        base = {k: v for k, v in saved.items() if k in fields}
+    elif settings["memory_weights"]:
+        base = dict(next(iter(memory_weights_info(settings["memory_weights"])["layers"].values()), {})
+                    .get("config", {}))
+    else:
+        base = {}
+    base = {k: v for k, v in base.items() if k in fields and k not in RUNTIME_FIELDS}
+    flags = {field: settings[key] for key, field in WEIGHTS_SETTINGS.items()}
+    return memkit.MemoryConfig.from_dict({**base, **flags})
+
+
+def _check_weights_backbone(settings: dict, model) -> None:
+    """Memory weights that record the backbone they were trained on load only into that backbone."""
+    from adapters.identity import backbone_identity
+    from memkit.memory import memory_weights_info
+
+    path = settings["memory_weights"]
+    record = memory_weights_info(path)["record"]
+    if "backbone_class" not in record:  # a file that records no backbone: the layers' dims are checked on load
+        return
+    mine = backbone_identity(model)
+    diffs = [f"{name}: weights {record[key]}, model {mine[field]}" for name, key, field in (
+        ("backbone class", "backbone_class", "class"), ("backbone config hash", "backbone_config_hash", "config_hash"))
+        if record.get(key) != mine[field]]
+    if diffs:
+        spec = record.get("backbone_spec")
+        built = f"; it was trained on the backbone built from {spec}" if spec else ""
+        raise ConfigError(f"--memory-weights {path} was trained on another backbone: {'; '.join(diffs)}{built} "
+                          f"(give that backbone with --checkpoint / --size)")
 
 
 def _given(args) -> dict:
@@ -279,6 +353,14 @@ def _check_same_weights(resume, settings: dict) -> None:
 
 def _stream_seconds(cursor: int) -> float:
     return decoded_frames(cursor) / VIDEO_FPS
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps it readable: "42 s", "3.5 min", "2.1 h", "4.0 days", "31.7 years"."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: bool) -> int:
@@ -374,8 +456,9 @@ def run_generate(args, console: Console) -> int:
     model = backbone.model
     s["height"] = s["height"] or backbone.default_size[0]
     s["width"] = s["width"] or backbone.default_size[1]
-    cfg = memkit.MemoryConfig(kind=s["memory"], sink_frames=s["sink_frames"], window_frames=s["window_frames"],
-                              rope_mode=s["rope_mode"])
+    if s["memory_weights"]:
+        _check_weights_backbone(s, model)
+    cfg = memory_config(s, None if plan.resume is None else plan.resume.settings)
     handle = adapters.inject(model, cfg, chunk_frames=s["chunk_frames"],
                              latent_size=(s["height"] // PIXELS_PER_LATENT, s["width"] // PIXELS_PER_LATENT))
     if s["memory_weights"]:
@@ -413,6 +496,11 @@ def run_generate(args, console: Console) -> int:
         f"of {s['chunk_frames']} latent frames at {s['height']}x{s['width']}, seed {s['seed']}, prompts: "
         f"{gen.prompts if new_prompts else 'as saved'}"
     )
+    long_run = num_chunks >= LONG_RUN_CHUNKS
+    if long_run:
+        frames = num_chunks * s["chunk_frames"] * FRAMES_PER_LATENT
+        console.print(f"a long run: {num_chunks:,} chunks make about {frames:,} frames, "
+                      f"{_duration(frames / VIDEO_FPS)} of video; the time it takes follows its first chunks")
     writer = VideoWriter(plan.outputs["--out"], fps=VIDEO_FPS, crf=args.crf) if backbone.vae is not None else None
     kept = []
     try:
@@ -420,11 +508,18 @@ def run_generate(args, console: Console) -> int:
             video = gen.prefill(prefix)
             if writer is not None:
                 writer.write(video)
-        for chunk in gen.stream(num_chunks):
+        started = None
+        for done, chunk in enumerate(gen.stream(num_chunks), 1):
             if writer is not None:
                 writer.write(chunk.video)
             if args.save_latents:
                 kept.append(chunk.latents.cpu())
+            if long_run and done == 1:  # the first chunk includes warm-up: time the ones after it
+                started = time.perf_counter()
+            elif long_run and done == 3:
+                per_chunk = (time.perf_counter() - started) / 2
+                console.print(f"about {per_chunk:.2f} s per chunk: {num_chunks:,} chunks take about "
+                              f"{_duration(per_chunk * num_chunks)} here (Ctrl-C stops; nothing is written then)")
     except BaseException:
         if writer is not None:
             writer.abort()

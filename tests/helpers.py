@@ -72,3 +72,8 @@ def chunk_starts(sizes):
 
 def rope_for(mem, height=2):
     return Rope3D(mem.head_dim, height, mem.frame_tokens // height)
+
+#: A limit for a test's subprocess: it stops a hung command, not a slow one. A loaded 2-core machine runs the
+#: demo or a training run several times slower than an idle one (the demo took 308 s against 300), so the limit is
+#: far above any measured run; CI stops the whole suite at 90 minutes anyway.
+SUBPROCESS_LIMIT = 1800

@@ -57,3 +57,39 @@ def test_costs_of_the_wan_1_3b_chunk(kind, held, keys):
     assert blocks < c["matmul_flops"] - c["memory_flops"] < 1.01 * blocks
     if kind == "sink_window":  # LongLive's 12 frames of keys: the ceiling near 50 video FPS
         assert 45 < 12 / (c["roofline_ms"] / 1e3) < 55
+
+
+def test_held_frames_by_hand_before_and_after_the_window_fills():
+    from memkit.bench.costs import held_frames
+
+    # sink 3 + window 6: the sink fills first, then the window, then it stays at 9; full holds everything
+    want = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 7: 7, 9: 9, 10: 9, 12: 9, 100: 9}
+    for committed, held in want.items():
+        assert held_frames("sink_window", 3, 6, committed) == held, committed
+        assert held_frames("full", 3, 6, committed) == committed
+    assert [held_frames("window", 0, 4, t) for t in range(7)] == [0, 1, 2, 3, 4, 4, 4]
+
+
+@pytest.mark.parametrize("kind", ["hybrid_gdn", "hybrid_ssd"])
+def test_the_gate_cache_costs_what_the_memorys_gate_projections_count(kind):
+    """A commit pass computes the gates of its tokens; their FLOPs, counted by torch on the memory itself."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adapters.wan import WAN_CONFIGS
+    from memkit.bench.costs import pass_flops
+    from memkit.memory import MemoryConfig, build_memory
+
+    config = SimpleNamespace(**{**WAN_CONFIGS["1.3B"], "num_layers": 2})
+    heads, head_dim = config.num_attention_heads, config.attention_head_dim
+    N = 3 * (60 // 2) * (104 // 2)
+    mem = build_memory(MemoryConfig(kind=kind), num_heads=heads, head_dim=head_dim, dim=heads * head_dim,
+                       frame_tokens=N // 3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        mem._token_gates(torch.zeros(1, N, heads * head_dim))
+    args = (config, (60, 104), 3, 9, kind)
+    added = (pass_flops(*args, text_tokens=512, global_live=False, commit=True)["memory"]
+             - pass_flops(*args, text_tokens=512, global_live=False, commit=False)["memory"])
+    assert added == config.num_layers * counter.get_total_flops()

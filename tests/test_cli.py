@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import torch
+from helpers import SUBPROCESS_LIMIT
 
 from memkit.bench.memory import run_memory_bench, windows
 from memkit.cli import main
@@ -46,7 +47,7 @@ def test_bench_state_sizes_show_full_growing():
 
 def test_demo_runs_and_writes_its_plots_and_the_world_video(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memkit", "demo", "--chunks", "16", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SUBPROCESS_LIMIT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DIFFERENT" not in proc.stdout and "equal" in proc.stdout
     assert (tmp_path / "memory_demo.png").stat().st_size > 10_000

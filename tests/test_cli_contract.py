@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SUBPROCESS_LIMIT
 from safetensors.torch import load_file, save_file
 
 from memkit.cli import main
@@ -140,7 +141,7 @@ def test_there_are_enough_bad_invocations():
 def memkit(*argv, cwd):
     env = {**os.environ, "COLUMNS": "300"}
     return subprocess.run([sys.executable, "-m", "memkit", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+                          cwd=cwd, env=env, timeout=SUBPROCESS_LIMIT)
 
 
 def test_from_the_shell_errors_are_one_line_and_debug_shows_the_traceback(files):

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import make_clip, rel_err, stream
+from helpers import SUBPROCESS_LIMIT, make_clip, rel_err, stream
 
 import memkit
 
@@ -15,14 +15,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def test_stream_memory_example_runs():
     cmd = [sys.executable, str(EXAMPLES / "stream_memory.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT)
     assert proc.returncode == 0, proc.stderr
     assert "bit-identically: True" in proc.stdout
 
 
 def test_retrofit_wan_example_runs():
     cmd = [sys.executable, str(EXAMPLES / "retrofit_wan.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT)
     assert proc.returncode == 0, proc.stderr
     for line in ("full memory == stock forward: True", "hybrid_gdn before training == stock: True",
                  "resumed bit-identically: True"):
@@ -45,7 +45,7 @@ def test_custom_variant_is_one_file_and_a_registry_entry(tmp_path):
 
 def test_finetune_lightning_example_runs():
     cmd = [sys.executable, str(EXAMPLES / "finetune_lightning.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in ("first chunks equal (nothing evicted yet): True", "trained memory changes later chunks: True",
                  "reloaded weights reproduce the stream: True"):

@@ -218,12 +218,14 @@ def test_reads_wait_for_nothing_even_with_finite_checks_on_and_the_reference_pat
 
 
 def test_finite_checks_run_once_per_chunk_after_the_commit_pass(monkeypatch):
-    import adapters.base as base
+    import adapters.checks
+    import adapters.handle
 
     _, h = injected("hybrid_gdn", dtype=torch.float32)
     checked = []
-    real = base.check_finite
-    monkeypatch.setattr(base, "check_finite", lambda **t: checked.append(sorted(t)) or real(**t))
+    real = adapters.handle.check_finite
+    for module in (adapters.handle, adapters.checks):  # the commit's check, and the inputs' checks
+        monkeypatch.setattr(module, "check_finite", lambda **t: checked.append(sorted(t)) or real(**t))
     run_chunks(h, chunks=2, reads=4)
     # the prefix's own check (prefill), then one check per commit, on the latents and the prediction
     assert checked[1:] == [["latents", "prediction"]] * 3
@@ -486,3 +488,22 @@ def test_i2v_cross_attention_on_the_fast_path_splits_the_context_as_the_model_do
         with torch.no_grad():
             outs.append(h.read(h.init_state(2), latents, 500.0, text, encoder_hidden_states_image=image.clone()))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
+
+
+def test_a_read_of_another_stream_between_two_reads_gets_its_own_chunk(prepares):
+    """The prepared chunks are kept for the passes of one state's chunk: a read of another stream in between
+    prepares its own, and each read equals the reference path's."""
+    _, h = injected("hybrid_gdn")
+    _, a = run_chunks(h, chunks=3, seed=0)
+    _, b = run_chunks(h, chunks=3, seed=1)
+    prompt = torch.randn(1, 8, h.model.config.text_dim, dtype=torch.float64)
+    x = torch.randn(1, 16, 2, *LATENT, dtype=torch.float64)
+    prepares.clear()
+    with torch.no_grad():
+        fast = [h.read(s, x, 500.0, prompt) for s in (a, b, a)]
+        assert len(prepares) == 3 * h.num_layers
+        h.fast = False
+        reference = [h.read(s, x, 500.0, prompt) for s in (a, b)]
+    assert (reference[0] - reference[1]).abs().max() > 1e-3  # the two streams read differently
+    assert torch.allclose(fast[0], reference[0], atol=1e-10) and torch.allclose(fast[2], reference[0], atol=1e-10)
+    assert torch.allclose(fast[1], reference[1], atol=1e-10)

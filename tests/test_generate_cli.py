@@ -143,3 +143,31 @@ def test_low_vram_makes_the_same_video(tmp_path, capsys):
         assert "peak GPU memory" not in text
         runs.append((load_file(lat)["latents"], read_video(out)[0].shape))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_weights_with_place_coded_token_writes_generate_and_resume_as_trained(tmp_path, capsys):
+    """The weights' own memory config (granularity, place codes, window) builds the memory, on a new stream and
+    on its resume; the stream records it."""
+    from memkit import MemoryConfig
+    from memkit.state import StreamState
+
+    model = adapters.random_wan("tiny")
+    cfg = MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2, evict_aggregate="token")
+    h = adapters.inject(model, cfg, chunk_frames=3, latent_size=(8, 8))
+    with torch.no_grad():
+        for p in h.memory_parameters():
+            p.add_(0.1)
+    weights = tmp_path / "w.safetensors"
+    h.save_memory(weights)
+    state, lat = tmp_path / "s.safetensors", tmp_path / "l.safetensors"
+    code, text = run(capsys, "generate", "--seconds", "2", "--no-decode", "--memory-weights", str(weights),
+                     "--save-state", str(state), "--save-latents", str(lat), *FAST)
+    assert code == 0, text
+    assert "memory hybrid_gdn (sink 1 + window 2 frames)" in text
+    settings = StreamState.load(state).settings
+    assert settings["evict_aggregate"] == "token" and settings["global_position"] == "learned"
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--resume", str(state), *FAST)
+    assert code == 0, text
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
+                     "--memory", "hybrid_ssd", *FAST)
+    assert code == 2 and "--memory hybrid_ssd (the weights: hybrid_gdn)" in text

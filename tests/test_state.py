@@ -118,3 +118,15 @@ def test_only_unbounded_caches_may_change_length():
     bad = state.replace({**state.tensors, "sink.k": torch.zeros(2, 4, 2, 8, dtype=torch.float64)})
     with pytest.raises(StateMismatchError, match="'sink.k' has shape"):
         mem.read(bad, q[:, :8], k[:, :8], v[:, :8], x[:, :8])
+
+
+def test_a_recorded_setting_differs_from_a_bool_of_the_same_value():
+    """``True == 1`` in Python; a stream recorded with ``sink_frames=1`` does not match ``True``, nor a recorded
+    ``check_finite=True`` an expected 1."""
+    layer = make_memory("sink_window", sink_frames=1, window_frames=2).init_state(1)
+    recorded = {"kind": "sink_window", "sink_frames": 1, "window_frames": 2, "check_finite": True}
+    state = StreamState([layer], info={"adapter": {"memory": recorded, "chunk_frames": 1}})
+    assert state.settings["sink_frames"] == 1 and state.settings["check_finite"] is True
+    assert state.differences({"sink_frames": 1, "check_finite": True}) == []
+    assert state.differences({"sink_frames": True}) == [("sink_frames", 1, True)]
+    assert state.differences({"check_finite": 1}) == [("check_finite", True, 1)]

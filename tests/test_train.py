@@ -408,3 +408,78 @@ def test_export_writes_memory_and_lora_weights_and_never_replaces_a_file(tmp_pat
     memkit.load_memory(fresh.model, memory_file)
     trained = dict(module.model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in fresh.model.named_parameters() if ".memory." in n)
+
+
+def test_the_teacher_forced_loss_is_the_flow_error_by_hand(monkeypatch):
+    """Per sample and chunk, the mean of ``(prediction - (eps - x0))^2``: the level and noise redrawn in the same
+    order, the prediction taken from the model's call."""
+    from memkit.train.flow import NoiseLevels
+    from memkit.train.losses.teacher_forcing import chunk_losses
+
+    module = module_for(TeacherForcing())
+    seen = {}
+    real = module.handle.teacher_force
+
+    def spy(*args, **kwargs):
+        pred, state = real(*args, **kwargs)
+        seen["pred"] = pred.detach()
+        return pred, state
+
+    monkeypatch.setattr(module.handle, "teacher_force", spy)
+    batch = fixed_batch()
+    x0 = batch["latents"]
+    with torch.no_grad():
+        losses, _ = chunk_losses(module, x0, batch["prompt_embeds"], torch.Generator().manual_seed(9), NoiseLevels())
+    gen = torch.Generator().manual_seed(9)
+    torch.rand((2, 4), generator=gen)  # the chunks' levels
+    eps = torch.randn(x0.shape, generator=gen)
+    error = (seen["pred"] - (eps - x0)).pow(2)  # (B, C, F, H, W)
+    want = error.mean(dim=(1, 3, 4)).view(2, 4, 3).mean(dim=2)
+    assert losses.shape == (2, 4) and torch.allclose(losses, want, rtol=1e-5)
+
+
+def test_rolling_segments_of_unequal_length_accumulate_the_whole_clip_mean_gradient(monkeypatch):
+    """Five chunks in segments of 2, 2 and 1, one optimiser step: the gradient of the mean loss over all chunks
+    (each chunk counts once, whatever its segment's length), with the state detached between segments."""
+    from memkit.train.losses.teacher_forcing import chunk_losses
+
+    loss = RollingMemory(tbptt_chunks=2, step_every_segment=False)
+    module = module_for(loss)
+    batch = fixed_batch(frames=15)
+    monkeypatch.setattr(module, "backward_term", lambda value, optimizer=0: value.backward())
+    monkeypatch.setattr(module, "step_optimizer", lambda optimizer=0: False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    loss._run(module, batch, torch.Generator().manual_seed(5), train=True)
+    got = [p.grad.clone() for p in params]
+    module.zero_grad()
+    x0, prompt = module.prepare(batch)
+    gen, state, per_chunk = torch.Generator().manual_seed(5), None, []
+    for c0, c1 in [(0, 2), (2, 4), (4, 5)]:
+        chunk, state = chunk_losses(module, x0[:, :, 3 * c0: 3 * c1], prompt, gen, loss.noise, state=state)
+        per_chunk.append(chunk)
+        state = state.detach()
+    torch.cat(per_chunk, dim=1).mean().backward()
+    assert any(g.abs().sum() > 0 for g in got)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_self_rollout_commits_its_samples_detached(monkeypatch):
+    """The context passes commit the generated chunk as data: no gradient flows back into the sample through
+    the memory (only the memory's own write path learns from them)."""
+    import memkit.train.losses.self_rollout as self_rollout
+
+    loss = SelfRolloutDMD(teacher=teacher_spec(), critic=teacher_spec(seed=2), rollout_chunks=3, window_chunks=2)
+    module = module_for(loss)
+    committed = []
+    real = self_rollout.commit_chunk
+
+    def spy(handle, stream, x0, *args, **kwargs):
+        committed.append(x0.requires_grad)
+        return real(handle, stream, x0, *args, **kwargs)
+
+    monkeypatch.setattr(self_rollout, "commit_chunk", spy)
+    window = loss.rollout(module, fixed_batch()["prompt_embeds"], torch.Generator().manual_seed(0),
+                          train_generator=True)
+    assert window.requires_grad  # the samples themselves carry the generator's gradient
+    assert len(committed) >= 2 and not any(committed)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import SUBPROCESS_LIMIT
 from safetensors.torch import load_file
 
 from memkit.cli import main
@@ -20,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 FAST = ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
 
 
-def memkit(*args, cwd, timeout=300):
+def memkit(*args, cwd, timeout=SUBPROCESS_LIMIT):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "memkit", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -82,8 +83,12 @@ def test_a_trained_memory_loads_into_generate_and_changes_its_output(tmp_path):
     assert f"memory weights written to {export}" in done.stdout
     untrained = generate(tmp_path, "untrained")
     trained = generate(tmp_path, "trained", "--memory-weights", str(export))
-    again = generate(tmp_path, "again", "--memory-weights", str(export))
-    assert torch.equal(trained, again)
+    # the weights alone: they record the memory they were trained as (sink 1 + window 3 frames) and its chunks
+    out = tmp_path / "alone.safetensors"
+    done = memkit("generate", "--seconds", "3", "--no-decode", "--memory-weights", str(export), "--save-latents",
+                  str(out), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(trained, load_file(out)["latents"])
     # the first chunks read no evicted frame, so they agree; later ones read the trained global memory
     assert torch.equal(trained[:, :, :3], untrained[:, :, :3])
     assert (trained[:, :, 9:] - untrained[:, :, 9:]).abs().max() > 1e-4
@@ -102,7 +107,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "memkit", "train", "--config", str(long_run)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + SUBPROCESS_LIMIT
         while not (ckpts / "step=4.ckpt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert (ckpts / "step=4.ckpt").exists()
@@ -159,3 +164,175 @@ def test_bench_train_compares_each_loss_with_the_stock_step(capsys):
     out = capsys.readouterr().out
     for row in ("stock fwd+bwd", "teacher_forcing", "rolling", "x stock"):
         assert row in out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of tiny_cpu.yaml trained to its max_steps: its last checkpoint and its exported weights."""
+    root = tmp_path_factory.mktemp("finished")
+    export = root / "memory.safetensors"
+    done = memkit("train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--trainer.max_steps", "2",
+                  "--trainer.logger.init_args.save_dir", str(root / "runs"), "--export", str(export), *FAST, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (ckpt,) = (root / "runs").rglob("last.ckpt")
+    return ckpt, export
+
+
+def _same_weights(a, b) -> bool:
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_exports_its_weights(finished_run, tmp_path):
+    ckpt, export = finished_run
+    again = tmp_path / "again.safetensors"
+    done = memkit("train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--trainer.max_steps", "2", "--resume",
+                  str(ckpt), "--export", str(again), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                  *FAST, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "had already reached max_steps=2" in done.stdout and f"memory weights written to {again}" in done.stdout
+    assert _same_weights(again, export)
+
+
+def test_export_only_writes_a_checkpoints_weights_and_trains_nothing(finished_run, tmp_path):
+    ckpt, export = finished_run
+    copy = tmp_path / "step2.ckpt"
+    copy.write_bytes(ckpt.read_bytes())
+    done = memkit("train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--resume", str(copy), "--export-only",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    beside = tmp_path / "step2.memory.safetensors"
+    assert f"memory weights written to {beside}" in done.stdout and _same_weights(beside, export)
+    assert not (tmp_path / "runs").exists()  # no run, no run folder
+    again = memkit("train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--resume", str(copy), "--export-only",
+                   cwd=tmp_path)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr  # an export is never overwritten
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_bytes(b"no checkpoint at all"), "is not a Lightning checkpoint; --resume takes a .ckpt"),
+    (lambda p: __import__("safetensors.torch").torch.save_file({"w": torch.zeros(2)}, str(p)),
+     "is not a Lightning checkpoint: it is a safetensors file"),
+])
+def test_resume_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch, capsys, make, message):
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path / "weights.safetensors")
+    assert main(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--resume", "weights.safetensors"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "weights.safetensors" in errors[0] and message in errors[0]
+    assert "weights_only" not in errors[0] and not (tmp_path / "runs").exists()
+
+
+def test_resume_from_another_setup_names_the_field(finished_run, tmp_path, monkeypatch, capsys):
+    ckpt, _ = finished_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--resume", str(ckpt), "--export-only",
+                 "--model.memory.window_frames", "5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the checkpoint was trained on another setup; memory.window_frames: checkpoint 3, now 5"]
+
+
+def test_a_checkpoint_from_before_place_codes_resumes(finished_run):
+    """A memory config recorded without global_position compares by the place code its writes had."""
+    from memkit.memory import memory_class
+    from memkit.train.module import setup_differences
+
+    ckpt, _ = finished_run
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["memkit"]
+    here = {k: saved[k] for k in ("memory", "chunk_frames")}
+    old = {**here, "memory": {k: v for k, v in saved["memory"].items() if k != "global_position"}}
+    cls = memory_class(saved["memory"]["kind"])
+    assert saved["memory"]["evict_aggregate"] == "frame_mean" and setup_differences(old, here, cls) == []
+    token = {**here, "memory": {**here["memory"], "evict_aggregate": "token"}}
+    old_token = {**old, "memory": {**old["memory"], "evict_aggregate": "token"}}
+    assert setup_differences(old_token, token, cls) == ["memory.global_position: checkpoint 'none', now 'learned'"]
+
+
+def test_bad_videos_are_all_named_and_leave_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b", "c"):
+        (videos / f"{name}.mp4").write_bytes(b"not a video " + name.encode())
+    assert main(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--data.source", "memkit.data.VideoFolder",
+                 "--data.source.root", str(videos), "--trainer.max_steps", "1", *FAST]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err.startswith("error: 3 of 3 samples of data.source cannot be used: ")
+    assert all(f"{videos / name}.mp4 is not a readable video" in err for name in "abc")
+    assert err.endswith("or set data.skip_bad_samples: true to train on the others")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sigterm_stops_training_in_one_line(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    every_step = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"dirpath": str(ckpts), "every_n_train_steps": 1, "save_top_k": -1,
+                                 "filename": "{step}"}}]
+    config = latent_config(tmp_path, 10_000, callbacks=every_step)
+    proc = subprocess.Popen([sys.executable, "-m", "memkit", "train", "--config", str(config), "--export",
+                             str(tmp_path / "memory.safetensors")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + SUBPROCESS_LIMIT
+        while not (ckpts / "step=1.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (ckpts / "step=1.ckpt").exists()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGTERM (outputs not finished were not written)"]
+    assert "Traceback" not in err and not (tmp_path / "memory.safetensors").exists()
+
+
+def test_memory_weights_refuse_another_backbone_and_contradicting_flags(finished_run, tmp_path):
+    """tiny_cpu.yaml trains on a pixel-space tiny Wan (3 channels); generate's own tiny Wan has 16."""
+    from memkit.memory import memory_weights_info
+
+    _, export = finished_run
+    record = memory_weights_info(export)["record"]
+    assert record["chunk_frames"] == 3 and record["latent_size"] == [16, 16]
+    assert record["backbone_spec"]["overrides"] == {"in_channels": 3, "out_channels": 3}
+    done = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--quiet",
+                  cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"error: --memory-weights {export} was trained on another backbone: backbone "
+                                  "config hash: weights ")
+    assert "'in_channels': 3" in done.stderr
+    clash = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--window-frames",
+                   "6", "--sink-frames", "1", "--quiet", cwd=tmp_path)
+    assert clash.returncode == 2
+    assert "was trained with other settings: --window-frames 6 (the weights: 3); leave these flags out" in clash.stderr
+
+
+def test_the_journey_from_a_folder_of_videos_to_a_generated_video(tmp_path):
+    """mp4 clips -> memkit train (a VideoFolder through the tiny Wan VAE) -> memkit generate with the exported
+    weights alone: the trained memory, on the backbone it was trained with, changes the chunks that read it."""
+    from memkit.data import ProceduralVideos
+    from memkit.rollout.video import VideoWriter
+
+    videos = tmp_path / "videos"
+    clips = ProceduralVideos(count=3, frames=40, seed=7)
+    for i in range(3):
+        rgb = clips.read(i, 0, 40, (64, 64))["video"]  # (3, F, H, W) in [-1, 1]
+        with VideoWriter(videos / f"clip{i}.mp4", fps=16, crf=0) as writer:
+            writer.write(((rgb.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    config = latent_config(tmp_path, 6)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["source"] = {"class_path": "memkit.data.VideoFolder", "init_args": {"root": str(videos)}}
+    config.write_text(yaml.safe_dump(cfg))
+    export = tmp_path / "memory.safetensors"
+    done = memkit("train", "--config", str(config), "--export", str(export), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "trained.mp4"
+    done = memkit("generate", "--seconds", "3", "--memory-weights", str(export), "--out", str(out),
+                  "--save-latents", str(tmp_path / "trained.safetensors"), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
+    trained = load_file(tmp_path / "trained.safetensors")["latents"]
+    untrained = generate(tmp_path, "untrained")  # the same memory (sink 1 + window 3), untrained
+    first_read = 6  # frames 1-2 leave the window at the second commit: the third chunk (6-8) reads them first
+    assert torch.equal(trained[:, :, :first_read], untrained[:, :, :first_read])
+    assert (trained[:, :, first_read:first_read + 3] - untrained[:, :, first_read:first_read + 3]).abs().max() > 1e-4

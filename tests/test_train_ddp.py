@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SUBPROCESS_LIMIT
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
@@ -17,7 +18,7 @@ def train(tmp_path, loss, strategy):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), loss, strategy], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SUBPROCESS_LIMIT)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

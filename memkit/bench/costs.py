@@ -20,11 +20,10 @@ BYTES_PER_S = 3.0e12
 
 
 def held_frames(kind: str, sink_frames: int, window_frames: int, committed: int) -> int:
-    """Frames of keys a chunk attends to besides itself after ``committed`` frames."""
-    if kind == "full":
-        return committed
-    sink = min(sink_frames, committed)
-    return sink + min(window_frames, committed - sink)
+    """Frames of keys a chunk attends to besides itself after ``committed`` frames (``full`` holds them all)."""
+    from memkit.memory.local import held_frame_indices
+
+    return len(held_frame_indices(sink_frames, None if kind == "full" else window_frames, committed))
 
 
 def pass_flops(config, latent_size: tuple[int, int], chunk_frames: int, held: int, kind: str, *,

@@ -93,6 +93,23 @@ def results_table(results: dict[str, BenchResult], title: str) -> Table:
     return table
 
 
+def timing_caveat(results: dict[str, BenchResult], bound: float = 1.3) -> str | None:
+    """A note when a bounded memory (all but ``full``) got slower than ``bound`` x from its early to its late
+    chunks: its cost is flat by construction, so such a ratio measures the machine (other load, clock changes),
+    not the memory. None when every bounded memory stays within ``bound``."""
+    import os
+
+    chunks = len(next(iter(results.values())).times_ms)
+    (e0, e1), (l0, l1) = windows(chunks)
+    ratios = {r.kind: r.median_ms(l0, l1) / r.median_ms(e0, e1) for r in results.values() if r.kind != "full"}
+    worst = max(ratios, key=ratios.get, default=None)
+    if worst is None or ratios[worst] <= bound:
+        return None
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    return (f"note: {worst}'s late / early time is {ratios[worst]:.1f}x, but a bounded memory does the same work "
+            f"every chunk: these timings are noisy ({load}); rerun on an idle machine to see its flat cost")
+
+
 def plot_results(results: dict, path: str, title: str, time_label: str = "commit time per chunk (ms)") -> None:
     """Time per chunk and state size of each result (anything with ``kind``, ``times_ms``, ``state_bytes``)."""
     import matplotlib

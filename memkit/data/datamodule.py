@@ -74,18 +74,25 @@ class ClipDataset(Dataset):
             log.warning("skipping a bad sample: %s", exc)
             return None
 
-    def _load(self, index: int, epoch: int) -> dict:
+    def usable_frames(self, index: int) -> tuple[int, int]:
+        """``(available, usable)``: the sample's frames in the source's unit, and the latent frames a clip of it
+        takes (whole chunks, at most ``data.frames``); a DataError when it is unreadable or shorter than a chunk."""
         dm, src = self.dm, self.source
-        reqs = dm.requirements
         available = src.num_frames(index)
-        latent_available = dm.latent_frames_of(available)
-        chunk = reqs.chunk_frames
-        usable = min(dm.frames, latent_available) // chunk * chunk
+        chunk = dm.requirements.chunk_frames
+        usable = min(dm.frames, dm.latent_frames_of(available)) // chunk * chunk
         if usable < chunk:
             raise DataError(
                 f"{src.describe(index)} has {available} frames, shorter than one chunk of {chunk} latent frames "
                 f"({dm.source_frames_of(chunk)} {dm.unit})"
             )
+        return available, usable
+
+    def _load(self, index: int, epoch: int) -> dict:
+        dm, src = self.dm, self.source
+        reqs = dm.requirements
+        chunk = reqs.chunk_frames
+        available, usable = self.usable_frames(index)
         need = dm.source_frames_of(usable)
         start = 0
         if self.random_crop and available > need:
@@ -214,8 +221,29 @@ class ClipDataModule(L.LightningDataModule):
         self._default_prompt = self._load_default_prompt()
         if len(self.source) == 0:
             raise DataError("data.source holds no videos")
-        if not self.skip_bad_samples:  # fail now, not after the first training steps
-            ClipDataset(self.source, self, random_crop=False)[0]
+        if not self.skip_bad_samples:  # fail now, naming every bad sample, not after the first training steps
+            self._check_samples()
+
+    def _check_samples(self, shown: int = 5) -> None:
+        """Every sample's length (a header read each), and the first sample whole; a DataError names each bad
+        sample (the first ``shown``, and how many more)."""
+        dataset = ClipDataset(self.source, self, random_crop=False)
+        bad = []
+        for index in range(len(self.source)):
+            try:
+                dataset.usable_frames(index)
+            except DataError as exc:
+                bad.append(str(exc))
+        if not bad:
+            try:
+                dataset[0]
+            except DataError as exc:
+                bad.append(str(exc))
+        if bad:
+            more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+            raise DataError(f"{len(bad)} of {len(self.source)} samples of data.source cannot be used: "
+                            f"{'; '.join(bad[:shown])}{more}. Fix or remove them, or set data.skip_bad_samples: true "
+                            f"to train on the others")
 
     def _check_action_source(self) -> None:
         """A source whose prompts are per-frame actions (``WorldVideos``): each chunk must hold one action."""

@@ -31,11 +31,24 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[float, float, flo
 
 @dataclass(frozen=True)
 class _Wave:
+    """``amplitude sin(2 pi (fx x + fy y) + phase - omega t)`` over a frame's pixel centres ``(x, y)`` in [0, 1)."""
+
     fx: int
     fy: int
     amplitude: float
     phase: float
-    omega: float  # radians per frame, from the scroll velocity
+    omega: float = 0.0  # radians per frame, from the scroll velocity (0: fixed in place)
+
+    def space(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sin, cos)`` of the wave's spatial angle, ``(height, width)`` each. By the angle-addition formulas,
+        so that only 1-D lists need trigonometry."""
+        a = [2 * math.pi * self.fx * x + self.phase for x in _pixel_centres(width)]
+        b = [2 * math.pi * self.fy * y for y in _pixel_centres(height)]
+        sin_a, cos_a = torch.tensor([math.sin(v) for v in a]), torch.tensor([math.cos(v) for v in a])
+        sin_b, cos_b = torch.tensor([math.sin(v) for v in b]), torch.tensor([math.cos(v) for v in b])
+        sin_space = cos_b[:, None] * sin_a[None, :] + sin_b[:, None] * cos_a[None, :]
+        cos_space = cos_b[:, None] * cos_a[None, :] - sin_b[:, None] * sin_a[None, :]
+        return sin_space, cos_space
 
 
 @dataclass(frozen=True)
@@ -144,15 +157,9 @@ def _pixel_centres(n: int) -> list[float]:
 def _background(plan: _Plan, times: range, height: int, width: int) -> torch.Tensor:
     """Two colours mixed by a sum of sinusoids that scrolls with constant velocity."""
     texture = torch.zeros(len(times), height, width)
-    ys, xs = _pixel_centres(height), _pixel_centres(width)
     for wave in plan.waves:
-        # sin(a(x) + b(y) - omega t), expanded by the angle-addition formulas so that only 1-D lists need trig.
-        a = [2 * math.pi * wave.fx * x + wave.phase for x in xs]
-        b = [2 * math.pi * wave.fy * y for y in ys]
-        sin_a, cos_a = torch.tensor([math.sin(v) for v in a]), torch.tensor([math.cos(v) for v in a])
-        sin_b, cos_b = torch.tensor([math.sin(v) for v in b]), torch.tensor([math.cos(v) for v in b])
-        sin_space = cos_b[:, None] * sin_a[None, :] + sin_b[:, None] * cos_a[None, :]
-        cos_space = cos_b[:, None] * cos_a[None, :] - sin_b[:, None] * sin_a[None, :]
+        # sin(space - omega t) = sin(space) cos(omega t) - cos(space) sin(omega t)
+        sin_space, cos_space = wave.space(height, width)
         cos_time = torch.tensor([math.cos(wave.omega * t) for t in times]).view(-1, 1, 1)
         sin_time = torch.tensor([math.sin(wave.omega * t) for t in times]).view(-1, 1, 1)
         texture = texture + wave.amplitude * (sin_space[None] * cos_time - cos_space[None] * sin_time)

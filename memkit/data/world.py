@@ -20,7 +20,7 @@ import torch
 
 from memkit.errors import ConfigError, ShapeError
 
-from .procedural import _rgb
+from .procedural import _rgb, _Wave
 from .sources import RenderedSource, check_index, check_positive_int, check_size, check_window, seed_of
 
 ACTIONS = ("stay", "left", "right", "up", "down")
@@ -36,14 +36,6 @@ _ONE_WAY_CHANCE = 0.3
 _MAX_ONE_WAY = 3  # segments
 _MAX_PAUSE = 2  # segments of "stay" at an excursion's far end
 _CACHED_WORLDS = 4
-
-
-@dataclass(frozen=True)
-class _Wave:
-    fx: int
-    fy: int
-    amplitude: float
-    phase: float
 
 
 @dataclass(frozen=True)
@@ -216,16 +208,9 @@ def render_world(plan: _World, world_cells: int, cell_height: int, cell_width: i
 
 def _background(plan: _World, height: int, width: int) -> torch.Tensor:
     """Two colours mixed by a sum of sinusoids fixed in world coordinates."""
-    ys = [(i + 0.5) / height for i in range(height)]
-    xs = [(i + 0.5) / width for i in range(width)]
     texture = torch.zeros(height, width)
     for wave in plan.waves:
-        # sin(a(x) + b(y)) by the angle-addition formula, so that only 1-D lists need trigonometry.
-        a = [2 * math.pi * wave.fx * x + wave.phase for x in xs]
-        b = [2 * math.pi * wave.fy * y for y in ys]
-        sin_a, cos_a = torch.tensor([math.sin(v) for v in a]), torch.tensor([math.cos(v) for v in a])
-        sin_b, cos_b = torch.tensor([math.sin(v) for v in b]), torch.tensor([math.cos(v) for v in b])
-        texture = texture + wave.amplitude * (cos_b[:, None] * sin_a[None, :] + sin_b[:, None] * cos_a[None, :])
+        texture = texture + wave.amplitude * wave.space(height, width)[0]
     weight = 0.5 + (0.5 / sum(wave.amplitude for wave in plan.waves)) * texture  # in [0, 1]
     dark, light = (torch.tensor(c, dtype=torch.float32).view(3, 1, 1) for c in plan.background)
     return dark + weight[None] * (light - dark)

@@ -6,7 +6,7 @@ from .config import MemoryConfig
 from .local import LocalMemory, PreparedChunk
 from .probe import retention
 from .registry import build_memory, list_memories, memory_class, register_memory
-from .weights import load_memory, memory_modules, save_memory
+from .weights import load_memory, memory_modules, memory_weights_info, save_memory
 
 __all__ = ["Memory", "LocalMemory", "PreparedChunk", "MemoryConfig", "build_memory", "list_memories", "memory_class",
-           "register_memory", "save_memory", "load_memory", "memory_modules", "retention"]
+           "register_memory", "save_memory", "load_memory", "memory_weights_info", "memory_modules", "retention"]

@@ -63,6 +63,14 @@ class PreparedChunk:
         return self.keys.shape[1] - self.tokens
 
 
+def held_frame_indices(sink_frames: int, window_frames: int | None, t: int) -> list[int]:
+    """The frames a local memory holds after ``t`` committed ones, oldest first: the first ``sink_frames``, then
+    the last ``window_frames`` after them (every later frame when ``window_frames`` is None)."""
+    sink = range(min(sink_frames, t))
+    lo = sink_frames if window_frames is None else max(sink_frames, t - window_frames)
+    return [*sink, *range(lo, t)]
+
+
 class LocalMemory(Memory):
     sink_frames: int = 0
     window_frames: int | None = None  # None: unbounded
@@ -75,9 +83,7 @@ class LocalMemory(Memory):
         return n_sink, rest if self.window_frames is None else min(self.window_frames, rest)
 
     def held_frames(self, t: int) -> list[int]:
-        sink = range(min(self.sink_frames, t))
-        lo = self.sink_frames if self.window_frames is None else max(self.sink_frames, t - self.window_frames)
-        return [*sink, *range(lo, t)]
+        return held_frame_indices(self.sink_frames, self.window_frames, t)
 
     # -- hooks for a global memory ---------------------------------------------
     gate_names: tuple[str, ...] = ()  # per-token, per-head gates kept in the window

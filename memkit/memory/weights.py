@@ -17,7 +17,7 @@ from .config import MemoryConfig
 log = logging.getLogger("memkit.memory")
 
 # Config fields that choose kernels or checks, not what the weights mean.
-_RUNTIME_FIELDS = ("attention_backend", "scan_backend", "check_finite")
+RUNTIME_FIELDS = ("attention_backend", "scan_backend", "check_finite")
 _INIT_FIELDS = ("halflife_frames",)  # only set the weights' initial values, which the file's weights replace
 
 
@@ -31,8 +31,12 @@ def _describe(m: Memory) -> dict:
             "dim": m.dim, "params": {n: list(t.shape) for n, t in m.state_dict().items()}}
 
 
-def save_memory(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the parameters of every memory in ``model`` (nothing of the backbone) to a safetensors file."""
+def save_memory(model: nn.Module, path: str | os.PathLike, *, record: dict | None = None) -> None:
+    """Write the parameters of every memory in ``model`` (nothing of the backbone) to a safetensors file.
+
+    record: what the memory was trained in, for whoever loads it (JSON-able): the backbone's identity, chunk
+        frames, latent size, how the backbone was built. ``AdapterHandle.save_memory`` fills it in;
+        :func:`memory_weights_info` reads it back."""
     mods = memory_modules(model)
     if not mods:
         raise CheckpointError("this model holds no memkit memories; inject one first (adapters.inject)")
@@ -40,8 +44,17 @@ def save_memory(model: nn.Module, path: str | os.PathLike) -> None:
     import memkit
 
     meta = {"type": "MemoryWeights", "memkit_version": memkit.__version__,
-            "layers": {name: _describe(m) for name, m in mods.items()}}
+            "layers": {name: _describe(m) for name, m in mods.items()}, "record": dict(record or {})}
     io.write(path, tensors, meta)
+
+
+def memory_weights_info(path: str | os.PathLike) -> dict:
+    """What a memory-weights file says besides its tensors: ``layers`` (per layer: kind, config, dims) and
+    ``record`` (what it was trained in, see :func:`save_memory`; empty for files that record nothing)."""
+    _, meta = io.read(path, "memory weights")
+    if meta.get("type") != "MemoryWeights":
+        raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not memory weights")
+    return {"layers": meta.get("layers", {}), "record": meta.get("record", {})}
 
 
 def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
@@ -111,7 +124,7 @@ def _config_diff(saved: dict, mem: Memory) -> str:
     existed) counts as its default; ``blocks`` counts only for memories that use it, and ``global_position`` is
     compared by :meth:`Memory.place_code` before (what it means where writes have places)."""
     here, defaults = mem.cfg.to_dict(), MemoryConfig().to_dict()
-    skip = {*_RUNTIME_FIELDS, *_INIT_FIELDS, "global_position",
+    skip = {*RUNTIME_FIELDS, *_INIT_FIELDS, "global_position",
             *(() if getattr(mem, "spatial", False) else ("blocks",))}
     keys = [k for k in here if k not in skip and saved.get(k, defaults[k]) != here[k]]
     return ", ".join(f"{k}: file {saved.get(k, defaults[k])!r}, model {here[k]!r}" for k in keys)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from memkit.errors import ConfigError, DTypeError, MemkitError, NonFiniteError, ShapeError, StateFormatError
-from memkit.outputs import temporary_beside
+from memkit.outputs import publish, temporary_beside
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class VideoWriter:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
             self._container.close()
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
         except BaseException:
             self._discard()
             raise

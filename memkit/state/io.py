@@ -31,6 +31,18 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file(flat, str(tmp), metadata=header)
 
 
+def looks_like_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length that fits the file,
+    then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of any safetensors file; an unreadable one is a StateFormatError."""
     path = Path(path)

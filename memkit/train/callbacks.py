@@ -70,21 +70,25 @@ class ExportMemoryWeights(L.Callback):
         self.written: dict[str, Path] = {}  # "memory" / "lora" -> the file written
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        from memkit.memory import save_memory
+        if trainer.is_global_zero:
+            self.export(pl_module, trainer.global_step)
+
+    def export(self, pl_module, step: int) -> None:
+        """Write the weights of ``pl_module`` now (``step`` names the file written beside an existing one)."""
         from memkit.state import io
 
         from .trainable import lora_state_dict
 
-        targets = [("memory", self.path, lambda p: save_memory(pl_module.model, p))]
+        spec = getattr(pl_module, "backbone_spec", None)
+        built = {} if spec is None else {"backbone_spec": spec.to_dict()}
+        targets = [("memory", self.path, lambda p: pl_module.handle.save_memory(p, **built))]
         if pl_module.trainable == "lora":
             lora_path = self.path.with_name(self.path.stem + ".lora.safetensors")
             meta = {"type": "LoraWeights", "options": vars(pl_module.lora_options)}
             targets.append(("lora", lora_path, lambda p: io.write(p, lora_state_dict(pl_module.model), meta)))
         for kind, path, write in targets:
             if path.exists() and not self.overwrite:
-                alt = path.with_name(f"{path.stem}.step{trainer.global_step}{path.suffix}")
+                alt = path.with_name(f"{path.stem}.step{step}{path.suffix}")
                 log.warning("%s exists; writing %s instead", path, alt)
                 path = alt
             write(path)

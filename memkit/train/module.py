@@ -293,9 +293,7 @@ class MemoryFinetune(L.LightningModule):
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise CheckpointError("this checkpoint was not written by memkit.train.MemoryFinetune")
-        here = self._identity()
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in here.items()
-                 if k != "spec" and saved.get(k) != v]
+        diffs = setup_differences(saved, self._identity(), type(self.handle.memories[0]))
         if diffs:
             raise CheckpointError("the checkpoint was trained on another setup; " + "; ".join(diffs))
         missing = self._trained_names() - set(checkpoint["state_dict"])
@@ -303,6 +301,31 @@ class MemoryFinetune(L.LightningModule):
             raise CheckpointError(f"the checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[0]}")
         self.batches_seen = int(saved["batches_seen"])
         self.skipped_samples = int(saved.get("skipped_samples", 0))
+
+
+def setup_differences(saved: dict, here: dict, memory_class: type[Memory]) -> list[str]:
+    """``"field: checkpoint X, now Y"`` for each field of a training setup (``MemoryFinetune._identity``) that
+    differs, nested fields by their dotted name (``memory.window_frames``). A memory config recorded before
+    ``global_position`` existed compares by the place code it wrote with (:meth:`Memory.place_code`)."""
+    out = []
+    for key, now in here.items():
+        if key == "spec":  # how the backbone was built; its identity is compared
+            continue
+        then = saved.get(key)
+        if key == "memory" and isinstance(then, dict) and isinstance(now, dict):
+            then = {**then, "global_position": memory_class.place_code(then)}
+            now = {**now, "global_position": memory_class.place_code(now)}
+        out += _differences(key, then, now)
+    return out
+
+
+def _differences(name: str, then, now) -> list[str]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(then) | set(now), key=str) for d in _differences(f"{name}.{k}", then.get(k),
+                                                                                      now.get(k))]
+    if isinstance(then, (list, tuple)) and isinstance(now, (list, tuple)):
+        then, now = list(then), list(now)
+    return [] if then == now else [f"{name}: checkpoint {then!r}, now {now!r}"]
 
 
 def _trainable_kinds() -> list[str]:

@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from memkit.errors import ConfigError
 
-if TYPE_CHECKING:
-    from memkit.train.module import MemoryFinetune
+
+class MemoryFinetune(Protocol):
+    """What a loss uses of the Lightning module that runs it (:class:`memkit.train.MemoryFinetune`), named here
+    so that the losses need not import the module that imports them."""
+
+    handle: Any  # the adapters.AdapterHandle of the trained model
+    batches_seen: int
+
+    @property
+    def model_dtype(self) -> torch.dtype: ...
+
+    def prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def prepare_prompt(self, batch: dict) -> torch.Tensor: ...
+
+    def noise_generator(self) -> torch.Generator: ...
+
+    def shared_generator(self) -> torch.Generator: ...
+
+    def randn(self, shape, generator: torch.Generator) -> torch.Tensor: ...
+
+    def backward_term(self, loss: torch.Tensor, optimizer: int = 0) -> None: ...
+
+    def step_optimizer(self, optimizer: int = 0) -> bool: ...
+
+    def log_losses(self, stage: str, loss: torch.Tensor, per_chunk: torch.Tensor) -> None: ...
+
+    def log(self, name: str, value, **kwargs) -> None: ...
 
 
 class TrainingLoss(nn.Module):
     """A training objective. It is an ``nn.Module`` so that what it trains besides the memory (a critic)
     moves, saves and syncs with the Lightning module.
 
-    ``training_step`` runs the forward and backward passes itself and steps through
-    ``module.backward`` / ``module.step`` (manual optimisation: truncated BPTT and alternating critics need
-    several backward passes or optimisers per batch). ``evaluate`` computes the loss on a batch with a given
+    ``training_step`` runs the forward and backward passes itself and steps through ``module.backward_term`` /
+    ``module.step_optimizer`` (manual optimisation: truncated BPTT and alternating critics need several backward
+    passes or optimisers per batch). ``evaluate`` computes the loss on a batch with a given
     noise generator and no gradient, for validation and for tests on a fixed batch.
     """
 
