@@ -182,14 +182,18 @@ def test_real_sources_bad_files_are_named(tmp_path):
     write_video(videos / "a_long.mp4", 8)
     write_video(videos / "b_short.mp4", 2)
     (videos / "c_broken.mp4").write_bytes(b"not a video at all")
-    dm = bound(VideoFolder(videos))
+    with pytest.raises(DataError, match=r"^2 of 3 samples of data.source cannot be used: \S+b_short.mp4 has 2 frames, "
+                                        r"shorter than one chunk of 3 .*; \S+c_broken.mp4 is not a readable video.*"
+                                        r"set data.skip_bad_samples: true"):
+        bound(VideoFolder(videos))  # every bad file named before training, not one per run
+    dm = bound(VideoFolder(videos), batch_size=3, skip_bad_samples=True, shuffle=False)
     ds = dm.train_dataloader().dataset
     assert ds[(0, 0)]["latents"].shape == (3, 6, 4, 4)
+    assert ds[(1, 0)] is None and ds[(2, 0)] is None  # skipped, and logged
     with pytest.raises(DataError, match=r"b_short.mp4 has 2 frames, shorter than one chunk of 3"):
-        ds[(1, 0)]
+        ds._load(1, 0)
     with pytest.raises(DataError, match=r"c_broken.mp4"):
-        ds[(2, 0)]
-    dm = bound(VideoFolder(videos), batch_size=3, skip_bad_samples=True, shuffle=False)
+        ds._load(2, 0)
     batch = next(iter(dm.train_dataloader()))
     assert batch["skipped"] == 2 and batch["latents"].shape[0] == 1
 
