@@ -245,6 +245,27 @@ def _settings_from_weights(settings: dict, given: dict) -> None:
         raise ConfigError(f"--memory-weights {path} was trained with other settings: {'; '.join(clash)}; leave "
                           f"these flags out to use the weights' own")
     settings.update({key: value for key, value in recorded.items() if key not in given})
+    spec = record.get("backbone_spec")
+    if spec and not any(key in given for key in ("checkpoint", "size", "backbone")):
+        _backbone_from_spec(settings, spec, path)
+
+
+def _backbone_from_spec(settings: dict, spec: dict, path) -> None:
+    """The backbone memkit built for training (``model.backbone``), rebuilt: its family, checkpoint and size, and
+    for random weights their seed (``--seed`` then seeds the sampling alone). A spec that changes the model's
+    config (a pixel-space model's channels) is one generation cannot run: an error says so."""
+    if spec.get("overrides"):
+        raise ConfigError(f"--memory-weights {path} was trained on a backbone with config overrides "
+                          f"{spec['overrides']} (a pixel-space model?), which memkit generate cannot build or "
+                          f"decode; stream it in Python (memkit.rollout.world.WorldModel runs pixel-space models)")
+    checkpoint = spec.get("checkpoint")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ConfigError(f"--memory-weights {path} was trained on the backbone {checkpoint}, which is not here; "
+                          f"give its place with --checkpoint")
+    settings.update(backbone=spec.get("family", settings["backbone"]), size=spec.get("size", settings["size"]),
+                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()))
+    if checkpoint is None:
+        settings["backbone_seed"] = int(spec.get("seed", 0))
 
 
 def memory_config(settings: dict, saved: dict | None = None):

@@ -171,3 +171,25 @@ def test_weights_with_place_coded_token_writes_generate_and_resume_as_trained(tm
     code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
                      "--memory", "hybrid_ssd", *FAST)
     assert code == 2 and "--memory hybrid_ssd (the weights: hybrid_gdn)" in text
+
+
+def test_weights_rebuild_the_random_backbone_they_were_trained_on(tmp_path, capsys):
+    """A seeded random backbone is reproducible: its seed comes from the weights, --seed seeds the sampling."""
+    from memkit import MemoryConfig
+    from memkit.state import StreamState
+
+    model = adapters.random_wan("tiny", seed=3)
+    h = adapters.inject(model, MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2), chunk_frames=3,
+                        latent_size=(8, 8))
+    spec = {"family": "wan", "checkpoint": None, "size": "tiny", "seed": 3, "overrides": {}, "dtype": "float32"}
+    weights, state = tmp_path / "w.safetensors", tmp_path / "s.safetensors"
+    h.save_memory(weights, backbone_spec=spec)
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
+                     "--seed", "5", "--save-state", str(state), *FAST)
+    assert code == 0, text
+    assert "size 'tiny', seed 3" in text
+    settings = StreamState.load(state).settings
+    assert settings["backbone_seed"] == 3 and settings["seed"] == 5
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
+                     "--resume", str(state), *FAST)
+    assert code == 0, text  # the resumed stream rebuilds backbone seed 3 from its recipe

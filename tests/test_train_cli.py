@@ -296,7 +296,11 @@ def test_memory_weights_refuse_another_backbone_and_contradicting_flags(finished
     assert record["chunk_frames"] == 3 and record["latent_size"] == [16, 16]
     assert record["backbone_spec"]["overrides"] == {"in_channels": 3, "out_channels": 3}
     done = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--quiet",
-                  cwd=tmp_path)
+                  cwd=tmp_path)  # the weights' own backbone: one generate cannot build
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "was trained on a backbone with config overrides {'in_channels': 3, 'out_channels': 3}" in done.stderr
+    done = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--size", "tiny",
+                  "--quiet", cwd=tmp_path)  # another backbone, given
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith(f"error: --memory-weights {export} was trained on another backbone: backbone "
                                   "config hash: weights ")
