@@ -225,9 +225,10 @@ WEIGHTS_SETTINGS = {"memory": "kind", "sink_frames": "sink_frames", "window_fram
 
 
 def _settings_from_weights(settings: dict, given: dict) -> None:
-    """A new stream with ``--memory-weights`` takes the memory and chunk settings the weights were trained with
-    (and the frame size, where the file records its latent size), unless a flag gives them; a flag that
-    contradicts the file is an error naming both values."""
+    """A new stream with ``--memory-weights`` takes the memory settings the weights were trained with, and
+    their chunk frames and frame size where the file records them, unless a flag gives them. A memory flag that
+    contradicts the file is an error naming both values; another chunk or frame size is the user's choice (the
+    weights' shapes are checked when they load)."""
     from memkit.memory import memory_weights_info
 
     path = settings["memory_weights"]
@@ -240,7 +241,7 @@ def _settings_from_weights(settings: dict, given: dict) -> None:
     if "latent_size" in record:
         recorded["height"], recorded["width"] = (PIXELS_PER_LATENT * n for n in record["latent_size"])
     clash = [f"{FIXED[key][0]} {given[key]} (the weights: {value})" for key, value in recorded.items()
-             if key in given and given[key] != value]
+             if key in WEIGHTS_SETTINGS and key in given and given[key] != value]
     if clash:
         raise ConfigError(f"--memory-weights {path} was trained with other settings: {'; '.join(clash)}; leave "
                           f"these flags out to use the weights' own")

@@ -171,6 +171,9 @@ def test_weights_with_place_coded_token_writes_generate_and_resume_as_trained(tm
     code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
                      "--memory", "hybrid_ssd", *FAST)
     assert code == 2 and "--memory hybrid_ssd (the weights: hybrid_gdn)" in text
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
+                     "--chunk-frames", "1", *FAST)
+    assert code == 0, text  # chunks of another size: the user's choice, the memory is the same
 
 
 def test_weights_rebuild_the_random_backbone_they_were_trained_on(tmp_path, capsys):
