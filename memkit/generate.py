@@ -77,6 +77,7 @@ class Plan:
     outputs: dict[str, Path]
     resume: object | None   # the StreamState to continue
     fork: bool
+    weights: dict | None = None  # memory_weights_info of --memory-weights, read once
 
 
 def add_generate_parser(sub) -> None:
@@ -165,11 +166,15 @@ def plan_generate(args) -> Plan:
         raise ConfigError(f"--memory: unknown memory {settings['memory']!r}; known: {', '.join(list_memories())}")
     if settings["dtype"] is None:
         settings["dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    weights = None
     if settings["memory_weights"]:
         settings["memory_weights_sha256"] = _sha256(settings["memory_weights"])
         _check_same_weights(resume, settings)
+        from memkit.memory import memory_weights_info
+
+        weights = memory_weights_info(settings["memory_weights"])
         if resume is None:
-            _settings_from_weights(settings, given)
+            _settings_from_weights(settings, given, weights)
     for flag, key in (("--height", "height"), ("--width", "width")):
         if settings[key] is not None and settings[key] % PIXELS_PER_LATENT:
             raise ConfigError(f"{flag} must be a multiple of {PIXELS_PER_LATENT}, got {settings[key]}")
@@ -184,7 +189,7 @@ def plan_generate(args) -> Plan:
     outputs = check_outputs({"--out": (args.out or "out/video.mp4") if decode else None,
                              "--save-latents": args.save_latents, "--save-state": args.save_state},
                             overwrite=args.overwrite)
-    return Plan(settings, device, outputs, resume, args.fork)
+    return Plan(settings, device, outputs, resume, args.fork, weights)
 
 
 def _check_flag_combinations(args) -> None:
@@ -224,17 +229,13 @@ WEIGHTS_SETTINGS = {"memory": "kind", "sink_frames": "sink_frames", "window_fram
                     "rope_mode": "rope_mode"}
 
 
-def _settings_from_weights(settings: dict, given: dict) -> None:
+def _settings_from_weights(settings: dict, given: dict, info: dict) -> None:
     """A new stream with ``--memory-weights`` takes the memory settings the weights were trained with, and
     their chunk frames and frame size where the file records them, unless a flag gives them. A memory flag that
     contradicts the file is an error naming both values; another chunk or frame size is the user's choice (the
     weights' shapes are checked when they load)."""
-    from memkit.memory import memory_weights_info
-
     path = settings["memory_weights"]
-    info = memory_weights_info(path)
-    config = next(iter(info["layers"].values()), {}).get("config", {})
-    record = info["record"]
+    config, record = info["config"], info["record"]
     recorded = {key: config[field] for key, field in WEIGHTS_SETTINGS.items() if field in config}
     if "chunk_frames" in record:
         recorded["chunk_frames"] = record["chunk_frames"]
@@ -269,34 +270,24 @@ def _backbone_from_spec(settings: dict, spec: dict, path) -> None:
         settings["backbone_seed"] = int(spec.get("seed", 0))
 
 
-def memory_config(settings: dict, saved: dict | None = None):
+def memory_config(settings: dict, saved: dict | None = None, weights: dict | None = None):
     """The memory config of a stream: the flags' fields from ``settings``; the rest (write granularity, place
-    codes, horizon, ...) from the saved stream's record (``saved``), else from the memory weights' file, else
-    the defaults. The backends and checks are this machine's (the defaults)."""
+    codes, horizon, ...) from the saved stream's record (``saved``), else from the memory weights
+    (``memory_weights_info``), else the defaults. The backends and checks are this machine's (the defaults)."""
     import memkit
-    from memkit.memory import memory_weights_info
     from memkit.memory.weights import RUNTIME_FIELDS
 
     fields = set(memkit.MemoryConfig().to_dict())
-    if saved is not None:
-        base = {k: v for k, v in saved.items() if k in fields}
-    elif settings["memory_weights"]:
-        base = dict(next(iter(memory_weights_info(settings["memory_weights"])["layers"].values()), {})
-                    .get("config", {}))
-    else:
-        base = {}
+    base = saved if saved is not None else weights["config"] if weights is not None else {}
     base = {k: v for k, v in base.items() if k in fields and k not in RUNTIME_FIELDS}
     flags = {field: settings[key] for key, field in WEIGHTS_SETTINGS.items()}
     return memkit.MemoryConfig.from_dict({**base, **flags})
 
 
-def _check_weights_backbone(settings: dict, model) -> None:
+def _check_weights_backbone(path, record: dict, model) -> None:
     """Memory weights that record the backbone they were trained on load only into that backbone."""
     from adapters.identity import backbone_identity
-    from memkit.memory import memory_weights_info
 
-    path = settings["memory_weights"]
-    record = memory_weights_info(path)["record"]
     if "backbone_class" not in record:  # a file that records no backbone: the layers' dims are checked on load
         return
     mine = backbone_identity(model)
@@ -478,9 +469,9 @@ def run_generate(args, console: Console) -> int:
     model = backbone.model
     s["height"] = s["height"] or backbone.default_size[0]
     s["width"] = s["width"] or backbone.default_size[1]
-    if s["memory_weights"]:
-        _check_weights_backbone(s, model)
-    cfg = memory_config(s, None if plan.resume is None else plan.resume.settings)
+    if plan.weights is not None:
+        _check_weights_backbone(s["memory_weights"], plan.weights["record"], model)
+    cfg = memory_config(s, None if plan.resume is None else plan.resume.settings, plan.weights)
     handle = adapters.inject(model, cfg, chunk_frames=s["chunk_frames"],
                              latent_size=(s["height"] // PIXELS_PER_LATENT, s["width"] // PIXELS_PER_LATENT))
     if s["memory_weights"]:

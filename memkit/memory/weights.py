@@ -49,12 +49,20 @@ def save_memory(model: nn.Module, path: str | os.PathLike, *, record: dict | Non
 
 
 def memory_weights_info(path: str | os.PathLike) -> dict:
-    """What a memory-weights file says besides its tensors: ``layers`` (per layer: kind, config, dims) and
-    ``record`` (what it was trained in, see :func:`save_memory`; empty for files that record nothing)."""
-    _, meta = io.read(path, "memory weights")
+    """What a memory-weights file says besides its tensors: ``layers`` (per layer: kind, config, dims), ``config``
+    (the memory config they share) and ``record`` (what it was trained in, see :func:`save_memory`; empty for
+    files that record nothing)."""
+    _, meta = _read(path)
+    layers = meta.get("layers", {})
+    config = next(iter(layers.values()), {}).get("config", {})  # every layer shares the injection's config
+    return {"layers": layers, "config": config, "record": meta.get("record", {})}
+
+
+def _read(path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = io.read(path, "memory weights")
     if meta.get("type") != "MemoryWeights":
         raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not memory weights")
-    return {"layers": meta.get("layers", {}), "record": meta.get("record", {})}
+    return tensors, meta
 
 
 def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
@@ -65,9 +73,7 @@ def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tru
     (sink / window sizes, horizon, RoPE mode, eviction aggregate) are an error when ``strict``, a warning
     otherwise. Everything is checked before anything is written: on error the model is unchanged.
     """
-    tensors, meta = io.read(path, "memory weights")
-    if meta.get("type") != "MemoryWeights":
-        raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not memory weights")
+    tensors, meta = _read(path)
     mods = memory_modules(model)
     if not mods:
         raise CheckpointError("this model holds no memkit memories; inject one first (adapters.inject)")
