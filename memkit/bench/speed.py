@@ -10,6 +10,7 @@ chunk spent in the memory's own operations, and the fraction of the roofline rea
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import statistics
 import time
@@ -96,9 +97,7 @@ def _sync(device: torch.device) -> None:
 
 def run_speed_bench(setup: SpeedSetup, progress: bool = True) -> dict[str, VariantResult]:
     import adapters
-    import memkit
     from memkit.ops._checks import DTYPES
-    from memkit.rollout import StreamingGenerator
 
     device, dtype = torch.device(setup.device), DTYPES[setup.dtype]
     model = adapters.random_wan(setup.size, seed=setup.seed, dtype=dtype, device=device)
@@ -107,34 +106,45 @@ def run_speed_bench(setup: SpeedSetup, progress: bool = True) -> dict[str, Varia
     vae = _random_vae(setup, device, dtype) if setup.vae else None
     results = {}
     for name in setup.variants:
-        kind, sink, window = VARIANTS[name]
-        cfg = memkit.MemoryConfig(kind=kind, sink_frames=sink, window_frames=window,
-                                  horizon_frames=setup.chunks * setup.chunk_frames)
-        r = results[name] = VariantResult(name, kind, sink, window)
         if setup.compile:
             # Compiled blocks share one code object: the graphs of the variant before would count against the
             # recompile limit of this one.
             torch._dynamo.reset()
-        h = adapters.inject(model, cfg, chunk_frames=setup.chunk_frames, latent_size=tuple(setup.latent_size))
-        try:
-            r.costs = chunk_costs(model.config, tuple(setup.latent_size), setup.chunk_frames, sink, window,
-                                  kind, text_tokens=prompt.shape[1], dtype_bytes=prompt.element_size(),
-                                  at_chunk=min(setup.probes))
-            r.check_rel_err = check_fast_path(h, prompt, setup)
-            if setup.compile:
-                h.compile()
-            limit = setup.max_seconds if kind != "full" else min(setup.max_seconds or 1e18, setup.full_max_seconds)
-            _time_stream(r, StreamingGenerator(h, prompt, seed=setup.seed, progress=False), setup, device, limit,
-                         progress)
-            if vae is not None:
-                g = StreamingGenerator(h, prompt, seed=setup.seed, vae=vae, progress=False)
-                r.e2e_ms = _median_chunk_ms(g, setup.e2e_chunks, device)
-            r.memory_ms, r.attention_ms = time_memory_ops(h, setup, device, dtype)
-        finally:
-            adapters.remove(model)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        results[name] = _bench_variant(name, model, prompt, vae, setup, device, dtype, progress)
+        # Nothing of this variant (its generators, the VAE's cache, its states) may count in the next one's peaks.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
+
+
+def _bench_variant(name, model, prompt, vae, setup: SpeedSetup, device, dtype, progress: bool) -> VariantResult:
+    import adapters
+    import memkit
+    from memkit.rollout import StreamingGenerator
+
+    kind, sink, window = VARIANTS[name]
+    cfg = memkit.MemoryConfig(kind=kind, sink_frames=sink, window_frames=window,
+                              horizon_frames=setup.chunks * setup.chunk_frames)
+    r = VariantResult(name, kind, sink, window)
+    h = adapters.inject(model, cfg, chunk_frames=setup.chunk_frames, latent_size=tuple(setup.latent_size))
+    try:
+        r.costs = chunk_costs(model.config, tuple(setup.latent_size), setup.chunk_frames, sink, window,
+                              kind, text_tokens=prompt.shape[1], dtype_bytes=prompt.element_size(),
+                              at_chunk=min(setup.probes))
+        r.check_rel_err = check_fast_path(h, prompt, setup)
+        if setup.compile:
+            h.compile()
+        limit = setup.max_seconds if kind != "full" else min(setup.max_seconds or 1e18, setup.full_max_seconds)
+        _time_stream(r, StreamingGenerator(h, prompt, seed=setup.seed, progress=False), setup, device, limit,
+                     progress)
+        if vae is not None:
+            r.e2e_ms = _median_chunk_ms(StreamingGenerator(h, prompt, seed=setup.seed, vae=vae, progress=False),
+                                        setup.e2e_chunks, device)
+        r.memory_ms, r.attention_ms = time_memory_ops(h, setup, device, dtype)
+    finally:
+        adapters.remove(model)
+    return r
 
 
 def check_fast_path(h, prompt, setup: SpeedSetup) -> dict[str, list[float]]:
