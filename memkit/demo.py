@@ -4,11 +4,11 @@
    the parallel (teacher-forcing) form.
 2. Streams many chunks through every variant and plots cost per chunk and
    state size: ``full`` grows, the others stay flat.
-3. Plays a procedural world it never saw with two small trained models shipped in the package (a pixel-space
-   Wan DiT with ``hybrid_gdn``, and the same DiT trained with ``sink_window``): a minute of video from one
-   chunk of ground truth and the camera's actions, side by side with the ground truth in ``out/world.mp4``,
-   and their PSNR against time in ``out/world_drift.png``. A fourth panel shows ``hybrid_gdn`` sampling each
-   chunk from the true past: what it learned, apart from how its own errors compound over a free rollout.
+3. Plays a world it never saw with two small trained models shipped in the package (a pixel-space Wan DiT with
+   ``hybrid_gdn``, and the same DiT trained with ``sink_window``): a camera cuts between places in a loop, so
+   every return to a place comes after it left the local memory. Each model samples every chunk from the true
+   past and, in a free rollout, from its own; ``out/world.mp4`` shows them beside the ground truth with each
+   frame's place marked (yellow: a return), and ``out/world_drift.png`` their PSNR per frame, returns shaded.
 """
 
 from __future__ import annotations
@@ -95,53 +95,51 @@ def check_world_models() -> None:
                               "memkit with its package data (pip install -e . from a full clone)")
 
 
-def run_world_demo(console: Console, video_path, plot_path, seconds: float = 60.0, fps: int = 8,
+def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps: int = 4,
                    world_seed: int = 20_000) -> None:
-    """Play a held-out world with the shipped models; write the side-by-side video and the drift plot."""
+    """Play a held-out world with the shipped models; write the side-by-side video and the PSNR plot."""
     from dataclasses import fields
 
     from memkit.bench.quality import QualitySetup, frame_psnr
     from memkit.rollout.video import VideoWriter
     from memkit.rollout.world import WorldModel
 
-    frames = int(seconds * fps)
-    models = {name: WorldModel.load(str(asset(file)), max_frames=frames) for name, file in WORLD_MODELS.items()}
+    models = {name: WorldModel.load(str(asset(file))) for name, file in WORLD_MODELS.items()}
     trained = next(iter(models.values())).meta["training"]
     known = {f.name for f in fields(QualitySetup)}
     setup = QualitySetup(**{k: v for k, v in trained["setup"].items() if k in known})
-    frames = frames // setup.chunk_frames * setup.chunk_frames
+    F = setup.chunk_frames
+    frames = F * (1 + loops * setup.loop_places)  # the start place, then the loop `loops` times
     world = setup.world(1, frames, world_seed)
     size = (setup.frame_size, setup.frame_size)
     truth = world.read(0, 0, frames, size)["video"]
-    actions = world.actions(0)
-    console.print(f"world demo: {frames} frames ({frames / fps:.0f} s at {fps} fps) of a world never trained on, "
-                  f"from its first {setup.chunk_frames} frames and the camera's actions "
-                  f"({trained['steps']} training steps per model)")
+    places = world.actions(0)
+    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=F)
+    console.print(f"world demo: a camera cutting between {setup.loop_places} places in a loop ({frames} frames, "
+                  f"{frames / fps:.0f} s at {fps} fps), a world never trained on; each model keeps "
+                  f"{setup.sink_frames} sink + {setup.window_frames} window frames, so every return to a place "
+                  f"comes after it left the local memory ({trained['steps']} training steps per model)")
     videos, psnr = {}, {}
-    chunks = frames // setup.chunk_frames
     for name, model in models.items():
-        out = model.rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0,
-                            progress=chunk_lines(console, f"  {name}", chunks))
-        videos[name] = out.video
-        psnr[name] = frame_psnr(out.video, truth)
-        console.print(f"  {name}: PSNR {psnr[name][setup.chunk_frames:].mean():.2f} dB over the generated frames, "
-                      f"{1e3 * sum(out.chunk_seconds) / len(out.chunk_seconds):.0f} ms per chunk")
-    # What the model learned, apart from how its own errors compound: each chunk sampled from the true past.
-    first = next(iter(models))
-    true_past = f"{first}, true past"
-    videos[true_past] = models[first].rollout(truth[:, : setup.chunk_frames], actions, frames, seed=0,
-                                              history=truth, progress=chunk_lines(console, f"  {true_past}",
-                                                                                  chunks)).video
-    psnr[true_past] = frame_psnr(videos[true_past], truth)
-    console.print(f"  {true_past} (each chunk sampled from the true frames before it, not its own): PSNR "
-                  f"{psnr[true_past][setup.chunk_frames:].mean():.2f} dB")
-    panels = {"ground truth": truth, **videos}
+        for past in ("true past", "free"):
+            label = f"{name}, {past}"
+            out = model.rollout(truth[:, :F], places, frames, seed=0, history=truth if past == "true past" else None,
+                                progress=chunk_lines(console, f"  {label}", frames // F))
+            videos[label], psnr[label] = out.video, frame_psnr(out.video, truth)
+            values = psnr[label]
+            console.print(f"  {label}: PSNR on returns {values[labels['revisit']].mean():.2f} dB, on new places "
+                          f"{values[labels['new']][F:].mean():.2f} dB", markup=False)
+    order = [f"{name}, true past" for name in models] + [f"{name}, free" for name in models]
+    panels = {"ground truth": truth, **{label: videos[label] for label in order}}
+    captions = [f"place {int(places[t])}: " + ("back, it left the local memory" if labels["revisit"][t] else
+                                               "new" if labels["new"][t] else "still in the local memory")
+                for t in range(frames)]
     with VideoWriter(video_path, fps=fps) as writer:
-        writer.write(side_by_side(panels, actions))
-    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
-    plot_drift(psnr, labels["revisit"], setup.chunk_frames, fps, plot_path)
-    console.print(f"video written to {video_path} (left to right: {', '.join(panels)})")
-    console.print(f"drift plot written to {plot_path}")
+        writer.write(side_by_side(panels, captions, highlight=labels["revisit"]))
+    plot_drift({label: psnr[label] for label in order}, labels["revisit"], F, fps, plot_path)
+    console.print(f"video written to {video_path} (left to right: {', '.join(panels)}; 'true past': each chunk "
+                  f"sampled from the true frames before it; 'free': from the model's own)")
+    console.print(f"PSNR plot written to {plot_path} (shaded: returns to a place that left the local memory)")
 
 
 def chunk_lines(console: Console, label: str, total: int, lines: int = 4):
@@ -159,13 +157,13 @@ def chunk_lines(console: Console, label: str, total: int, lines: int = 4):
     return tick
 
 
-def side_by_side(panels: dict[str, torch.Tensor], actions: torch.Tensor, scale: int = 8) -> torch.Tensor:
+def side_by_side(panels: dict[str, torch.Tensor], captions: list[str], highlight=None,
+                 scale: int = 8) -> torch.Tensor:
     """uint8 frames (F, H, W, 3): the videos ``(3, F, h, w)`` enlarged ``scale`` times, side by side under their
-    names, with the camera's action of each frame below."""
+    names, with each frame's caption below (in yellow where ``highlight`` is true, else grey)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from memkit.data.world import ACTIONS
     from memkit.rollout.video import to_uint8_frames
 
     big = [to_uint8_frames(v).repeat_interleave(scale, 1).repeat_interleave(scale, 2) for v in panels.values()]
@@ -180,12 +178,13 @@ def side_by_side(panels: dict[str, torch.Tensor], actions: torch.Tensor, scale: 
         draw.text((i * (w + gap) + 4, 3), name, fill=(230, 230, 230))
     canvas[:, :head] = torch.from_numpy(np.asarray(titles).copy())
     footers = {}
-    for a in actions.unique().tolist():
-        img = Image.new("RGB", (canvas.shape[2], head), (24, 24, 24))
-        ImageDraw.Draw(img).text((4, 3), f"action: {ACTIONS[a]}", fill=(255, 210, 90))
-        footers[a] = torch.from_numpy(np.asarray(img).copy())
     for t in range(F):
-        canvas[t, head + h:] = footers[int(actions[t])]
+        key = (captions[t], bool(highlight[t]) if highlight is not None else False)
+        if key not in footers:
+            img = Image.new("RGB", (canvas.shape[2], head), (24, 24, 24))
+            ImageDraw.Draw(img).text((4, 3), key[0], fill=(255, 210, 90) if key[1] else (170, 170, 170))
+            footers[key] = torch.from_numpy(np.asarray(img).copy())
+        canvas[t, head + h:] = footers[key]
     return canvas
 
 
@@ -202,10 +201,10 @@ def plot_drift(psnr: dict[str, torch.Tensor], revisit: torch.Tensor, chunk: int,
     for t in torch.nonzero(revisit).flatten().tolist():
         ax.axvspan(t / fps, (t + 1) / fps, color="tab:blue", alpha=0.08, lw=0)
     for name, values in psnr.items():
-        ax.plot(seconds[chunk:].tolist(), values[chunk:].tolist(), label=name, lw=1.4,
-                ls=":" if "true past" in name else "-")
+        ax.plot(seconds[chunk:].tolist(), values[chunk:].tolist(), label=name, lw=1.4, marker=".",
+                ls="-" if "true past" in name else ":")
     ax.set(xlabel="seconds", ylabel="PSNR against ground truth (dB)",
-           title="world demo: PSNR against time (shaded: revisits of places that left the local memory)")
+           title="world demo: PSNR per frame (shaded: returns to a place that left the local memory)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:

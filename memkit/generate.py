@@ -42,15 +42,18 @@ FIXED = {
     "sink_frames": ("--sink-frames", 3), "window_frames": ("--window-frames", 6),
     "rope_mode": ("--rope-mode", "relative"), "memory_weights": ("--memory-weights", None),
     "chunk_frames": ("--chunk-frames", 3), "height": ("--height", None), "width": ("--width", None),
+    "from_run": ("--from-run", None),
 }
 #: Sampling settings, which a fork (--resume FILE --fork) may change.
 FORKABLE = {"seed": ("--seed", 0), "steps": ("--steps", [1000.0, 750.0, 500.0, 250.0]), "shift": ("--shift", 5.0),
             "context_noise": ("--context-noise", 0.0)}
 #: Files a resumed stream may find at another path.
-MOVABLE = ("checkpoint", "vae", "memory_weights")
+MOVABLE = ("checkpoint", "vae", "memory_weights", "from_run")
 #: Recorded under the stream's "recipe" (the rest the generator records itself).
-RECIPE = ("checkpoint", "size", "backbone_seed", "dtype", "vae", "memory_weights", "memory_weights_sha256",
-          "height", "width")
+RECIPE = ("checkpoint", "size", "backbone_seed", "backbone_overrides", "dtype", "vae", "memory_weights",
+          "memory_weights_sha256", "from_run", "from_run_sha256", "height", "width")
+#: Flags that build the backbone or the memory, which --from-run takes from the run.
+RUN_DEFINES = ("backbone", "checkpoint", "size", "vae", "memory_weights")
 
 
 @dataclass
@@ -78,6 +81,21 @@ class Plan:
     resume: object | None   # the StreamState to continue
     fork: bool
     weights: dict | None = None  # memory_weights_info of --memory-weights, read once
+    run: object | None = None  # the memkit.train.runs.TrainedRun of --from-run
+
+    @property
+    def pixel_space(self) -> bool:
+        return pixel_space(self.settings)
+
+
+def pixel_space(settings: dict) -> bool:
+    """A backbone that takes and makes RGB frames (3 channels, a pixel-space model trained by memkit train): no
+    VAE; its frames are the video, one per latent frame, at the latent size."""
+    return (settings.get("backbone_overrides") or {}).get("in_channels") == 3
+
+
+def _pixels_per_latent(settings: dict) -> int:
+    return 1 if pixel_space(settings) else PIXELS_PER_LATENT
 
 
 def add_generate_parser(sub) -> None:
@@ -98,6 +116,9 @@ def add_generate_parser(sub) -> None:
     what.add_argument("--rope-mode", choices=["absolute", "relative"],
                       help="relative (default) keeps RoPE positions bounded however long the stream")
     what.add_argument("--memory-weights", help="trained memory weights (memkit.save_memory, memkit train)")
+    what.add_argument("--from-run", help="a run of memkit train (its folder, e.g. runs/NAME/version_0, or one of its "
+                                         "checkpoints): its backbone, memory and trained weights, pixel-space or "
+                                         "latent")
     what.add_argument("--chunk-frames", type=positive_int, help="latent frames per chunk (default: 3)")
     what.add_argument("--height", type=positive_int, help="video height (default: 480; 64 for tiny and small)")
     what.add_argument("--width", type=positive_int, help="video width (default: 832; 64 for tiny and small)")
@@ -166,6 +187,9 @@ def plan_generate(args) -> Plan:
         raise ConfigError(f"--memory: unknown memory {settings['memory']!r}; known: {', '.join(list_memories())}")
     if settings["dtype"] is None:
         settings["dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    run = _read_run(settings, resume) if settings["from_run"] else None
+    if run is not None and resume is None:
+        _settings_from_run(settings, given, run)
     weights = None
     if settings["memory_weights"]:
         settings["memory_weights_sha256"] = _sha256(settings["memory_weights"])
@@ -175,21 +199,22 @@ def plan_generate(args) -> Plan:
         weights = memory_weights_info(settings["memory_weights"])
         if resume is None:
             _settings_from_weights(settings, given, weights)
+    scale = _pixels_per_latent(settings)
     for flag, key in (("--height", "height"), ("--width", "width")):
-        if settings[key] is not None and settings[key] % PIXELS_PER_LATENT:
-            raise ConfigError(f"{flag} must be a multiple of {PIXELS_PER_LATENT}, got {settings[key]}")
+        if settings[key] is not None and settings[key] % scale:
+            raise ConfigError(f"{flag} must be a multiple of {scale}, got {settings[key]}")
     if args.total_seconds is None and args.seconds is None:
         args.seconds = 10.0
     if resume is not None and _chunks_to_generate(args, resume.cursor, settings["chunk_frames"],
-                                                  decoder_fresh=False) == 0:
-        have = _stream_seconds(resume.cursor)
+                                                  decoder_fresh=False, pixels=pixel_space(settings)) == 0:
+        have = _stream_seconds(resume.cursor, pixel_space(settings))
         raise ConfigError(f"--total-seconds {args.total_seconds:g}: the saved stream is already {have:.2f} s long; "
                           f"nothing to generate (nothing was written)")
     decode = not args.no_decode
     outputs = check_outputs({"--out": (args.out or "out/video.mp4") if decode else None,
                              "--save-latents": args.save_latents, "--save-state": args.save_state},
                             overwrite=args.overwrite)
-    return Plan(settings, device, outputs, resume, args.fork, weights)
+    return Plan(settings, device, outputs, resume, args.fork, weights, run)
 
 
 def _check_flag_combinations(args) -> None:
@@ -204,6 +229,10 @@ def _check_flag_combinations(args) -> None:
     if args.prompt and len(args.switch) != len(args.prompt) - 1:
         raise ConfigError(f"{len(args.prompt)} --prompt texts need {len(args.prompt) - 1} --switch chunks, "
                           f"got {len(args.switch)}")
+    if args.from_run:
+        clash = [FIXED[key][0] for key in RUN_DEFINES if getattr(args, key) is not None]
+        if clash:
+            raise ConfigError(f"--from-run brings the run's backbone and trained memory; drop {', '.join(clash)}")
     if args.no_decode and args.out:
         raise ConfigError("--out has nothing to write with --no-decode; drop one (--save-latents keeps the latents)")
     if not 0 <= args.crf <= 51:
@@ -215,7 +244,8 @@ def _check_flag_combinations(args) -> None:
 def _check_inputs(args) -> None:
     for flag, path in (("--checkpoint", args.checkpoint), ("--vae", args.vae), ("--prompt-embeds", args.prompt_embeds),
                        ("--memory-weights", args.memory_weights), ("--prefix", args.prefix),
-                       ("--text-encoder", args.text_encoder), ("--resume", args.resume)):
+                       ("--text-encoder", args.text_encoder), ("--resume", args.resume),
+                       ("--from-run", args.from_run)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     for flag, path in (("--prompt-embeds", args.prompt_embeds), ("--memory-weights", args.memory_weights),
@@ -235,50 +265,90 @@ def _settings_from_weights(settings: dict, given: dict, info: dict) -> None:
     contradicts the file is an error naming both values; another chunk or frame size is the user's choice (the
     weights' shapes are checked when they load)."""
     path = settings["memory_weights"]
-    config, record = info["config"], info["record"]
-    recorded = {key: config[field] for key, field in WEIGHTS_SETTINGS.items() if field in config}
-    if "chunk_frames" in record:
-        recorded["chunk_frames"] = record["chunk_frames"]
-    if "latent_size" in record:
-        recorded["height"], recorded["width"] = (PIXELS_PER_LATENT * n for n in record["latent_size"])
-    clash = [f"{FIXED[key][0]} {given[key]} (the weights: {value})" for key, value in recorded.items()
-             if key in WEIGHTS_SETTINGS and key in given and given[key] != value]
-    if clash:
-        raise ConfigError(f"--memory-weights {path} was trained with other settings: {'; '.join(clash)}; leave "
-                          f"these flags out to use the weights' own")
-    settings.update({key: value for key, value in recorded.items() if key not in given})
+    record = info["record"]
     spec = record.get("backbone_spec")
+    if record.get("trainable") in ("all", "lora"):
+        raise ConfigError(f"--memory-weights {path} was trained together with its backbone (trainable: "
+                          f"{record['trainable']}), whose trained weights are not in this file; generate from the run "
+                          f"with --from-run RUN_FOLDER")
+    _take_recorded(settings, given, info["config"], record, f"--memory-weights {path}", spec, "weights")
     if spec and not any(key in given for key in ("checkpoint", "size", "backbone")):
         _backbone_from_spec(settings, spec, path)
 
 
+def _settings_from_run(settings: dict, given: dict, run) -> None:
+    """A new stream with ``--from-run``: the run's backbone, memory settings, chunk frames and frame size (a memory
+    flag that contradicts the run is an error; another chunk or frame size is the user's choice)."""
+    _take_recorded(settings, given, run.setup["memory"], run.setup, f"--from-run {run.checkpoint}", run.spec,
+                   "run")
+    spec = run.spec
+    checkpoint = spec.get("checkpoint")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ConfigError(f"--from-run {run.checkpoint} was trained on the backbone {checkpoint}, which is not here")
+    settings.update(backbone=spec.get("family", "wan"), size=spec.get("size", "tiny"),
+                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
+                    backbone_seed=int(spec.get("seed", 0)), backbone_overrides=dict(spec.get("overrides") or {}))
+
+
+def _take_recorded(settings: dict, given: dict, memory: dict, record: dict, source: str, spec: dict | None,
+                   label: str) -> None:
+    """Settings from a recorded memory config and training record (chunk frames, latent size), unless a flag gives
+    them; a memory flag that contradicts the record is an error naming both values."""
+    recorded = {key: memory[field] for key, field in WEIGHTS_SETTINGS.items() if field in memory}
+    if "chunk_frames" in record:
+        recorded["chunk_frames"] = record["chunk_frames"]
+    if "latent_size" in record:
+        scale = _pixels_per_latent({"backbone_overrides": (spec or {}).get("overrides")})
+        recorded["height"], recorded["width"] = (scale * n for n in record["latent_size"])
+    clash = [f"{FIXED[key][0]} {given[key]} (the {label}: {value})"
+             for key, value in recorded.items() if key in WEIGHTS_SETTINGS and key in given and given[key] != value]
+    if clash:
+        own = f"{label}' own" if label.endswith("s") else f"{label}'s own"
+        raise ConfigError(f"{source} was trained with other settings: {'; '.join(clash)}; leave these flags out to "
+                          f"use the {own}")
+    settings.update({key: value for key, value in recorded.items() if key not in given})
+
+
+def _read_run(settings: dict, resume) -> object:
+    """The --from-run run, checked against the one a resumed stream was made from (by content)."""
+    from memkit.train.runs import read_run
+
+    run = read_run(settings["from_run"])
+    settings["from_run"] = str(run.checkpoint.resolve())
+    digest = _sha256(run.checkpoint)
+    recorded = None if resume is None else resume.settings.get("from_run_sha256")
+    if recorded and recorded != digest:
+        raise ConfigError(f"--from-run {run.checkpoint} changed since the stream was saved (sha256 {recorded[:12]}... "
+                          f"then, {digest[:12]}... now)")
+    settings["from_run_sha256"] = digest
+    return run
+
+
 def _backbone_from_spec(settings: dict, spec: dict, path) -> None:
-    """The backbone memkit built for training (``model.backbone``), rebuilt: its family, checkpoint and size, and
-    for random weights their seed (``--seed`` then seeds the sampling alone). A spec that changes the model's
-    config (a pixel-space model's channels) is one generation cannot run: an error says so."""
-    if spec.get("overrides"):
-        raise ConfigError(f"--memory-weights {path} was trained on a backbone with config overrides "
-                          f"{spec['overrides']} (a pixel-space model?), which memkit generate cannot build or "
-                          f"decode; stream it in Python (memkit.rollout.world.WorldModel runs pixel-space models)")
+    """The backbone memkit built for training (``model.backbone``), rebuilt: its family, checkpoint, size and config
+    overrides (a pixel-space model's channels), and for random weights their seed (``--seed`` then seeds the
+    sampling alone)."""
     checkpoint = spec.get("checkpoint")
     if checkpoint is not None and not Path(checkpoint).exists():
         raise ConfigError(f"--memory-weights {path} was trained on the backbone {checkpoint}, which is not here; "
                           f"give its place with --checkpoint")
     settings.update(backbone=spec.get("family", settings["backbone"]), size=spec.get("size", settings["size"]),
-                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()))
+                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
+                    backbone_overrides=dict(spec.get("overrides") or {}))
     if checkpoint is None:
         settings["backbone_seed"] = int(spec.get("seed", 0))
 
 
-def memory_config(settings: dict, saved: dict | None = None, weights: dict | None = None):
+def memory_config(settings: dict, saved: dict | None = None, recorded: dict | None = None):
     """The memory config of a stream: the flags' fields from ``settings``; the rest (write granularity, place
-    codes, horizon, ...) from the saved stream's record (``saved``), else from the memory weights
-    (``memory_weights_info``), else the defaults. The backends and checks are this machine's (the defaults)."""
+    codes, horizon, ...) from the saved stream's record (``saved``), else from the memory config the weights or
+    the run recorded (``recorded``), else the defaults. The backends and checks are this machine's (the
+    defaults)."""
     import memkit
     from memkit.memory.weights import RUNTIME_FIELDS
 
     fields = set(memkit.MemoryConfig().to_dict())
-    base = saved if saved is not None else weights["config"] if weights is not None else {}
+    base = saved if saved is not None else recorded if recorded is not None else {}
     base = {k: v for k, v in base.items() if k in fields and k not in RUNTIME_FIELDS}
     flags = {field: settings[key] for key, field in WEIGHTS_SETTINGS.items()}
     return memkit.MemoryConfig.from_dict({**base, **flags})
@@ -339,11 +409,11 @@ def _merge_with_saved(args, state, given: dict) -> dict:
                           f"{saved.get('switches')}; give the prompts it switches between (--prompt or "
                           f"--prompt-embeds)")
     defaults = {k: d for k, (_, d) in {**FIXED, **FORKABLE}.items()}
-    known = {k: saved[k] for k in (*FIXED, *FORKABLE, "backbone_seed") if k in saved}
+    known = {k: saved[k] for k in (*FIXED, *FORKABLE, "backbone_seed", "backbone_overrides") if k in saved}
     settings = {**defaults, **known, **given}
     settings.setdefault("backbone_seed", settings["seed"])
     if "latent_size" in saved and settings["height"] is None:  # a stream saved from Python: its latent size
-        settings["height"], settings["width"] = (s * PIXELS_PER_LATENT for s in saved["latent_size"])
+        settings["height"], settings["width"] = (s * _pixels_per_latent(settings) for s in saved["latent_size"])
     return settings
 
 
@@ -364,8 +434,13 @@ def _check_same_weights(resume, settings: dict) -> None:
                           f"(sha256 {recorded[:12]}... then, {settings['memory_weights_sha256'][:12]}... now)")
 
 
-def _stream_seconds(cursor: int) -> float:
-    return decoded_frames(cursor) / VIDEO_FPS
+def _video_frames(latent_frames: int, pixels: bool) -> int:
+    """Video frames of a stream of ``latent_frames`` frames: the VAE's, or the frames themselves in pixel space."""
+    return latent_frames if pixels else decoded_frames(latent_frames)
+
+
+def _stream_seconds(cursor: int, pixels: bool) -> float:
+    return _video_frames(cursor, pixels) / VIDEO_FPS
 
 
 def _duration(seconds: float) -> str:
@@ -376,17 +451,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: bool) -> int:
+def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: bool, pixels: bool) -> int:
     """The fewest chunks that make --seconds of new video, or bring the stream to --total-seconds."""
     if args.total_seconds is not None:
-        wanted = args.total_seconds * VIDEO_FPS - decoded_frames(cursor)
+        wanted = args.total_seconds * VIDEO_FPS - _video_frames(cursor, pixels)
     else:
         wanted = args.seconds * VIDEO_FPS
     wanted = math.ceil(round(wanted, 6))
     if wanted <= 0:
         return 0
-    per_chunk = FRAMES_PER_LATENT * chunk_frames
-    extra = FRAMES_PER_LATENT - 1 if decoder_fresh else 0
+    per_latent = 1 if pixels else FRAMES_PER_LATENT
+    per_chunk = per_latent * chunk_frames
+    extra = per_latent - 1 if decoder_fresh else 0
     return math.ceil((wanted + extra) / per_chunk)
 
 
@@ -401,11 +477,16 @@ def load_backbone(settings: dict, device: torch.device, decode: bool, text_encod
 
     dtype = DTYPES[settings["dtype"]]
     spec = BackboneSpec(family=settings["backbone"], checkpoint=settings["checkpoint"], size=settings["size"],
-                        seed=settings["backbone_seed"], dtype=settings["dtype"])
+                        seed=settings["backbone_seed"], dtype=settings["dtype"],
+                        overrides=dict(settings.get("backbone_overrides") or {}))
     loaded = build(spec, device=device)
     model = loaded.model
     vae_device = vae_device or device
     vae_path = Path(settings["vae"]) if settings["vae"] else None
+    if pixel_space(settings):  # its frames are the video: nothing to decode
+        what = (f"the pixel-space {spec.family} backbone (size {spec.size!r}, {spec.overrides}) "
+                f"{'of ' + str(spec.checkpoint) if spec.checkpoint else f'with seed {spec.seed}'}")
+        return Backbone(model, None, Path(text_encoder) if text_encoder else None, what, spec.checkpoint is None)
     if spec.checkpoint is None:
         vae = None if not decode else _load_vae(vae_path, dtype, vae_device) if vae_path else \
             tiny_wan_vae(z_dim=model.config.in_channels, dtype=dtype).to(vae_device)
@@ -471,11 +552,18 @@ def run_generate(args, console: Console) -> int:
     s["width"] = s["width"] or backbone.default_size[1]
     if plan.weights is not None:
         _check_weights_backbone(s["memory_weights"], plan.weights["record"], model)
-    cfg = memory_config(s, None if plan.resume is None else plan.resume.settings, plan.weights)
+    recorded = plan.weights["config"] if plan.weights is not None else \
+        plan.run.setup["memory"] if plan.run is not None else None
+    cfg = memory_config(s, None if plan.resume is None else plan.resume.settings, recorded)
+    scale = _pixels_per_latent(s)
     handle = adapters.inject(model, cfg, chunk_frames=s["chunk_frames"],
-                             latent_size=(s["height"] // PIXELS_PER_LATENT, s["width"] // PIXELS_PER_LATENT))
+                             latent_size=(s["height"] // scale, s["width"] // scale))
     if s["memory_weights"]:
         memkit.load_memory(model, s["memory_weights"])
+    if plan.run is not None:
+        plan.run.load_into(model)
+        console.print(f"trained weights: {plan.run.checkpoint} (step {plan.run.step}, trainable: "
+                      f"{plan.run.setup['trainable']})")
     new_prompts = bool(args.prompt or args.prompt_embeds or not plan.resume)
     peaks = PeakMemory(plan.device)
     with peaks.measure("text encoder"):
@@ -490,19 +578,21 @@ def run_generate(args, console: Console) -> int:
                                             vae_offload=args.low_vram, track_peak_memory=True)
         verb = "forking" if plan.fork else "resuming"
         console.print(f"{verb} after chunk {gen.chunks_done} ({gen.cursor} latent frames, "
-                      f"{_stream_seconds(gen.cursor):.2f} s) of {args.resume}")
+                      f"{_stream_seconds(gen.cursor, plan.pixel_space):.2f} s) of {args.resume}")
         decoder_fresh = backbone.vae is not None and "decoder" not in plan.resume.info  # decoding restarts
     else:
         gen = StreamingGenerator(handle, schedule, schedule=steps, context_noise=s["context_noise"], seed=s["seed"],
                                  vae=backbone.vae, progress=not args.quiet, vae_offload=args.low_vram,
                                  track_peak_memory=True)
         decoder_fresh = False  # fresh only at cursor 0: after a prefix the decoder goes on from it
-    prefix = load_prefix(args.prefix, backbone.vae, handle, console) if args.prefix else None
+    prefix = load_prefix(args.prefix, backbone.vae, handle, console, plan.pixel_space) if args.prefix else None
     cursor = gen.cursor + (0 if prefix is None else prefix.shape[2])
-    num_chunks = _chunks_to_generate(args, cursor, s["chunk_frames"], decoder_fresh=cursor == 0 or decoder_fresh)
+    num_chunks = _chunks_to_generate(args, cursor, s["chunk_frames"], decoder_fresh=cursor == 0 or decoder_fresh,
+                                     pixels=plan.pixel_space)
     if num_chunks == 0:
         raise ConfigError(f"--total-seconds {args.total_seconds:g}: the prefix is already "
-                          f"{_stream_seconds(cursor):.2f} s long; nothing to generate (nothing was written)")
+                          f"{_stream_seconds(cursor, plan.pixel_space):.2f} s long; nothing to generate (nothing was "
+                          f"written)")
     gen.prompts.check_range(gen.chunks_done + num_chunks)
     console.print(
         f"memory {s['memory']} (sink {s['sink_frames']} + window {s['window_frames']} frames), {num_chunks} chunks "
@@ -511,20 +601,25 @@ def run_generate(args, console: Console) -> int:
     )
     long_run = num_chunks >= LONG_RUN_CHUNKS
     if long_run:
-        frames = num_chunks * s["chunk_frames"] * FRAMES_PER_LATENT
+        frames = num_chunks * s["chunk_frames"] * (1 if plan.pixel_space else FRAMES_PER_LATENT)
         console.print(f"a long run: {num_chunks:,} chunks make about {frames:,} frames, "
                       f"{_duration(frames / VIDEO_FPS)} of video; the time it takes follows its first chunks")
-    writer = VideoWriter(plan.outputs["--out"], fps=VIDEO_FPS, crf=args.crf) if backbone.vae is not None else None
+    writes = backbone.vae is not None or (plan.pixel_space and not args.no_decode)
+    writer = VideoWriter(plan.outputs["--out"], fps=VIDEO_FPS, crf=args.crf) if writes else None
+
+    def frames_of(video, latents):  # a pixel-space model's frames are its output
+        return video if video is not None else latents.float().clamp(-1, 1)
+
     kept = []
     try:
         if prefix is not None:
             video = gen.prefill(prefix)
             if writer is not None:
-                writer.write(video)
+                writer.write(frames_of(video, prefix))
         started = None
         for done, chunk in enumerate(gen.stream(num_chunks), 1):
             if writer is not None:
-                writer.write(chunk.video)
+                writer.write(frames_of(chunk.video, chunk.latents))
             if args.save_latents:
                 kept.append(chunk.latents.cpu())
             if long_run and done == 1:  # the first chunk includes warm-up: time the ones after it
@@ -562,9 +657,12 @@ def _write_outputs(args, plan: Plan, gen, writer, kept: list, console: Console) 
         console.print(f"wrote {writer.frames_written} frames ({writer.frames_written / VIDEO_FPS:.2f} s at "
                       f"{VIDEO_FPS} fps) to {writer.path}")
     else:
-        frames = decoded_frames(sum(k.shape[2] for k in kept))
-        console.print(f"no VAE: decoded nothing{f' ({frames} frames would be made)' if frames else ''}; "
-                      f"{'the latents are saved' if args.save_latents else 'use --save-latents to keep the latents'}")
+        if plan.pixel_space:
+            console.print(f"--no-decode: no mp4 written{'; the frames are saved' if args.save_latents else ''}")
+        else:
+            frames = decoded_frames(sum(k.shape[2] for k in kept))
+            console.print(f"no VAE: decoded nothing{f' ({frames} frames would be made)' if frames else ''}; "
+                          f"{'the latents are saved' if args.save_latents else 'use --save-latents to keep them'}")
     if args.save_latents:
         write_safetensors(plan.outputs["--save-latents"], {"latents": torch.cat(kept, dim=2)}, {})
         console.print(f"latents saved to {plan.outputs['--save-latents']}")
@@ -577,8 +675,9 @@ def _write_outputs(args, plan: Plan, gen, writer, kept: list, console: Console) 
                       f"continue with: memkit generate --resume {plan.outputs['--save-state']}")
 
 
-def load_prefix(path: str, vae, handle, console: Console) -> torch.Tensor:
-    """Clean latents to commit before generating: a .safetensors of latents, or an image / video to encode."""
+def load_prefix(path: str, vae, handle, console: Console, pixels: bool = False) -> torch.Tensor:
+    """Clean latents to commit before generating: a .safetensors of latents, or an image / video to encode (for a
+    pixel-space model, its frames resized to the model's frame size)."""
     from memkit.rollout.vae import encode_video
     from memkit.rollout.video import read_image, read_video
     from memkit.state.io import read_safetensors
@@ -590,12 +689,19 @@ def load_prefix(path: str, vae, handle, console: Console) -> torch.Tensor:
             raise ConfigError(f"--prefix {p} has no 'latents' tensor (it holds {sorted(tensors)})")
         latents = tensors["latents"]
     else:
-        if vae is None:
+        if vae is None and not pixels:
             raise ConfigError("an image or video --prefix must be encoded: it needs a VAE (drop --no-decode)")
         frames = read_image(p) if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") else read_video(p)[0]
-        latents = encode_video(vae, frames, size=(handle.latent_size[0] * PIXELS_PER_LATENT,
-                                                  handle.latent_size[1] * PIXELS_PER_LATENT))
-    console.print(f"prefix: {latents.shape[2]} latent frames from {p}")
+        if pixels:
+            x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
+            if tuple(x.shape[-2:]) != tuple(handle.latent_size):
+                x = torch.nn.functional.interpolate(x, size=tuple(handle.latent_size), mode="bilinear",
+                                                    align_corners=False, antialias=True)
+            latents = x.clamp(-1, 1).permute(1, 0, 2, 3)[None]
+        else:
+            latents = encode_video(vae, frames, size=(handle.latent_size[0] * PIXELS_PER_LATENT,
+                                                      handle.latent_size[1] * PIXELS_PER_LATENT))
+    console.print(f"prefix: {latents.shape[2]} {'frames' if pixels else 'latent frames'} from {p}")
     return latents
 
 

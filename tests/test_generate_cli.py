@@ -196,3 +196,19 @@ def test_weights_rebuild_the_random_backbone_they_were_trained_on(tmp_path, caps
     code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights),
                      "--resume", str(state), *FAST)
     assert code == 0, text  # the resumed stream rebuilds backbone seed 3 from its recipe
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_weights_of_a_memory_trained_with_its_backbone_point_to_the_run(tmp_path, capsys, trainable):
+    """Such weights lack the backbone's trained tensors: generating from them alone would use an untrained
+    backbone."""
+    from memkit import MemoryConfig
+
+    model = adapters.random_wan("tiny", seed=3)
+    h = adapters.inject(model, MemoryConfig(kind="hybrid_gdn", sink_frames=1, window_frames=2), chunk_frames=3,
+                        latent_size=(8, 8))
+    spec = {"family": "wan", "checkpoint": None, "size": "tiny", "seed": 3, "overrides": {}, "dtype": "float32"}
+    weights = tmp_path / "w.safetensors"
+    h.save_memory(weights, backbone_spec=spec, trainable=trainable)
+    code, text = run(capsys, "generate", "--seconds", "1", "--no-decode", "--memory-weights", str(weights), *FAST)
+    assert code == 2 and f"(trainable: {trainable})" in text and "--from-run RUN_FOLDER" in text

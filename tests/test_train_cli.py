@@ -291,14 +291,17 @@ def test_memory_weights_refuse_another_backbone_and_contradicting_flags(finished
     """tiny_cpu.yaml trains on a pixel-space tiny Wan (3 channels); generate's own tiny Wan has 16."""
     from memkit.memory import memory_weights_info
 
-    _, export = finished_run
+    ckpt, export = finished_run
     record = memory_weights_info(export)["record"]
-    assert record["chunk_frames"] == 3 and record["latent_size"] == [16, 16]
+    assert record["chunk_frames"] == 3 and record["latent_size"] == [16, 16] and record["trainable"] == "memory"
     assert record["backbone_spec"]["overrides"] == {"in_channels": 3, "out_channels": 3}
-    done = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--quiet",
-                  cwd=tmp_path)  # the weights' own backbone: one generate cannot build
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert "was trained on a backbone with config overrides {'in_channels': 3, 'out_channels': 3}" in done.stderr
+    alone, run = tmp_path / "alone.safetensors", tmp_path / "run.safetensors"
+    for name, flags in ((alone, ["--memory-weights", str(export)]), (run, ["--from-run", str(ckpt)])):
+        done = memkit("generate", "--seconds", "2", "--no-decode", "--save-latents", str(name), "--quiet", *flags,
+                      cwd=tmp_path)  # the weights' own pixel-space backbone, rebuilt from its spec; or the run
+        assert done.returncode == 0, done.stderr[-2000:]
+    frames = load_file(alone)["latents"]
+    assert frames.shape[1:] == (3, 33, 16, 16) and torch.equal(frames, load_file(run)["latents"])
     done = memkit("generate", "--seconds", "1", "--no-decode", "--memory-weights", str(export), "--size", "tiny",
                   "--quiet", cwd=tmp_path)  # another backbone, given
     assert done.returncode == 2 and done.stderr.count("\n") == 1
@@ -340,3 +343,74 @@ def test_the_journey_from_a_folder_of_videos_to_a_generated_video(tmp_path):
     first_read = 6  # frames 1-2 leave the window at the second commit: the third chunk (6-8) reads them first
     assert torch.equal(trained[:, :, :first_read], untrained[:, :, :first_read])
     assert (trained[:, :, first_read:first_read + 3] - untrained[:, :, first_read:first_read + 3]).abs().max() > 1e-4
+
+
+def test_the_journey_from_videos_to_a_video_on_a_pixel_space_run(tmp_path):
+    """mp4 clips -> memkit train (tiny_cpu.yaml: a pixel-space tiny Wan, a VideoFolder) -> memkit generate
+    --from-run with the run folder alone -> an mp4. Checked against the stream rebuilt here from the run's spec
+    with an untrained memory: the chunks before the first eviction are the same (the same backbone, prompt and
+    noise), the first chunk that reads the global memory differs (the trained memory)."""
+    import adapters
+    from adapters.loading import BackboneSpec, load_backbone
+    from memkit import MemoryConfig
+    from memkit.data import ProceduralVideos
+    from memkit.rollout import FlowSchedule, StreamingGenerator
+    from memkit.rollout.prompts import random_prompt_embeds
+    from memkit.rollout.video import VideoWriter, read_video
+
+    videos = tmp_path / "videos"
+    clips = ProceduralVideos(count=3, frames=24, seed=7)
+    for i in range(3):
+        with VideoWriter(videos / f"clip{i}.mp4", fps=16, crf=0) as writer:
+            writer.write(clips.read(i, 0, 24, (16, 16))["video"])
+    cfg = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
+    cfg["data"]["source"] = {"class_path": "memkit.data.VideoFolder", "init_args": {"root": str(videos)}}
+    cfg["data"].pop("val_source")
+    cfg["trainer"].update(max_steps=4, enable_progress_bar=False)
+    cfg["trainer"].pop("val_check_interval")
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config = tmp_path / "pixel.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = memkit("train", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "tiny_cpu").glob("version_*")
+    out, frames = tmp_path / "video.mp4", tmp_path / "frames.safetensors"
+    done = memkit("generate", "--from-run", str(run), "--seconds", "1.5", "--out", str(out), "--save-latents",
+                  str(frames), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained weights:" in done.stdout and "pixel-space" in done.stdout
+    generated = load_file(frames)["latents"]
+    video, _ = read_video(out)
+    assert generated.shape == (1, 3, 24, 16, 16) and video.shape == (24, 16, 16, 3)
+    expected = ((generated[0].clamp(-1, 1).permute(1, 2, 3, 0) + 1) * 127.5)
+    # the mp4 holds the model's frames: H.264's 4:2:0 chroma blurs these noise-like 16x16 frames, so compare each
+    # frame's mean colour
+    assert (video.float().mean(dim=(1, 2)) - expected.mean(dim=(1, 2))).abs().max() < 6
+
+    spec = BackboneSpec(**cfg["model"]["backbone"])
+    model = load_backbone(spec).model
+    memory = MemoryConfig(**cfg["model"]["memory"])
+    handle = adapters.inject(model, memory, 3, latent_size=(16, 16))
+    prompt = random_prompt_embeds(1, 16, model.config.text_dim, seed=0)
+    gen = StreamingGenerator(handle, prompt, schedule=FlowSchedule((1000.0, 750.0, 500.0, 250.0), 5.0), seed=0,
+                             progress=False)
+    untrained = torch.cat([chunk.latents for chunk in gen.stream(8)], dim=2)
+    first_read = 6  # sink 1 + window 3: frames 1-2 leave the window at the second commit; chunk 6-8 reads them
+    assert torch.equal(generated[:, :, :first_read], untrained[:, :, :first_read])
+    assert (generated[:, :, first_read:first_read + 3] - untrained[:, :, first_read:first_read + 3]).abs().max() > 1e-4
+    done = memkit("generate", "--from-run", str(run), "--memory-weights", str(run / "memory.safetensors"),
+                  "--quiet", cwd=tmp_path)
+    assert done.returncode == 2 and "--from-run brings the run's backbone and trained memory; drop --memory-weights" \
+        in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_run_rebuilds_in_python_with_the_weights_it_exported(finished_run):
+    from memkit.train.runs import read_run
+
+    ckpt, export = finished_run
+    run = read_run(ckpt.parent.parent)  # the run folder: its checkpoints/last.ckpt
+    assert run.checkpoint == ckpt and run.pixel_space and run.setup["trainable"] == "memory"
+    handle = run.build()
+    exported = load_file(export)
+    mine = handle.model.state_dict()
+    assert exported and all(torch.equal(t, mine[name]) for name, t in exported.items())

@@ -108,7 +108,8 @@ def test_a_world_source_is_refused_where_its_actions_cannot_be_one_prompt_per_ch
 
 def test_a_world_model_file_round_trips_and_a_truncated_or_foreign_one_fails_cleanly(tmp_path):
     setup = quick_setup()
-    model = WorldModel(setup.backbone(), setup.memory("hybrid_blockwise"), (16, 16), prompt_len=setup.prompt_len)
+    model = WorldModel(setup.backbone(), setup.memory("hybrid_blockwise"), (16, 16), prompt_len=setup.prompt_len,
+                       prompts=setup.prompts)
     with torch.no_grad():
         for p in model.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -128,10 +129,13 @@ def test_a_world_model_file_round_trips_and_a_truncated_or_foreign_one_fails_cle
     model.handle.init_state(1).save(tmp_path / "state.safetensors")
     with pytest.raises(CheckpointError, match="not a world model"):
         WorldModel.load(tmp_path / "state.safetensors")
+    assert again.prompts == model.prompts == f"places:{setup.places}"
     bad = world.actions(0).clone()
-    bad[5] = 7
-    with pytest.raises(ConfigError, match="action ids"):
+    bad[5] = setup.places
+    with pytest.raises(ConfigError, match=r"prompt ids in \[0, 16\) \(places:16\)"):
         model.rollout(truth[:, :3], bad, 12)
+    with pytest.raises(ConfigError, match="prompts must be 'actions' or 'places:N'"):
+        WorldModel(setup.backbone(), setup.memory("sink_window"), (16, 16), prompts="places:0")
     with pytest.raises(ShapeError, match="history must be"):
         model.rollout(truth[:, :3], world.actions(0), 12, history=truth[:, :9])
 
@@ -153,33 +157,64 @@ def test_quality_bench_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert main(["bench", "quality", "--quick", "--out", str(out)]) == 2  # never replaces a report by default
     assert "quality.md exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "quality.md").read_bytes() == before
+    # the exported models evaluated again, training nothing: the same numbers
+    again = tmp_path / "again"
+    assert main(["bench", "quality", "--from-models", str(models), "--out", str(again)]) == 0
+    second = json.loads((again / "quality.json").read_text())
+    assert second["setup"] == report["setup"]
+    for kind, r in report["results"].items():
+        for key in ("psnr", "psnr_tf", "psnr_self", "final_loss"):
+            assert json.dumps(second["results"][kind][key]) == json.dumps(r[key]), (kind, key)  # NaN too
+        assert second["results"][kind]["train_seconds"] == round(r["train_seconds"], 1)  # as the file keeps it
+    assert main(["bench", "quality", "--from-models", str(models), "--steps", "5", "--out", str(again)]) == 2
+    assert "--from-models evaluates trained models with their own setup; drop --steps" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(WORLD_MODELS))
-def test_the_shipped_world_models_load_play_the_world_and_fail_cleanly_when_truncated(name, tmp_path):
+def test_the_shipped_world_models_load_and_fail_cleanly_when_truncated(name, tmp_path):
     path = asset(WORLD_MODELS[name])
     model = WorldModel.load(str(path))
-    assert model.memory.kind == name and path.stat().st_size < 8 * 2**20
-    setup = QualitySetup(**model.meta["training"]["setup"])
-    world = setup.world(1, 12, 777)
-    truth = world.read(0, 0, 12, (setup.frame_size, setup.frame_size))["video"]
-    video = model.rollout(truth[:, :3], world.actions(0), 12).video
-    true_past = model.rollout(truth[:, :3], world.actions(0), 12, history=truth).video
-    assert torch.equal(video[:, :3], truth[:, :3])
-
-    def psnr(a):
-        return 10 * torch.log10(4.0 / (a - truth[:, 3:]).pow(2).mean())
-
-    flat = truth[:, 3:].mean(dim=(2, 3), keepdim=True).expand_as(truth[:, 3:])  # each frame's own mean colour
-    # It learned the world beyond its colours: from the true past by a wide margin, and in its own rollout.
-    assert psnr(true_past[:, 3:]) > psnr(flat) + 3.0
-    assert psnr(video[:, 3:]) > psnr(flat) + 1.0
+    assert model.memory.kind == name and path.stat().st_size < 10 * 2**20
+    assert model.meta["training"]["setup"]["world_kind"] == "loops"
     cut = tmp_path / "cut.safetensors"
     shutil.copyfile(path, cut)
     with open(cut, "r+b") as f:
         f.truncate(cut.stat().st_size - 1000)
     with pytest.raises(StateFormatError, match="truncated or corrupt"):
         WorldModel.load(cut)
+
+
+#: The shipped models on 2 held-out worlds from the true past, hybrid_gdn minus sink_window, measured: on returns
+#: to a place that left the local memory +3.74 dB at seed 30000 (13.40 vs 9.66; +3.62 and +4.09 at seeds 31000
+#: and 32000), on new places +0.24 dB (9.41 vs 9.17; +0.23 and +1.03). The test asks for recall with a margin
+#: and no more than noise on new places.
+REVISIT_DB, NEW_DB = 2.5, 1.0
+
+
+def test_the_shipped_hybrid_shows_a_place_that_left_its_local_memory_as_it_was_and_sink_window_does_not():
+    from dataclasses import fields
+
+    from memkit.bench.quality import frame_psnr
+
+    models = {name: WorldModel.load(str(asset(file))) for name, file in WORLD_MODELS.items()}
+    known = {f.name for f in fields(QualitySetup)}
+    setup = QualitySetup(**{k: v for k, v in models["hybrid_gdn"].meta["training"]["setup"].items() if k in known})
+    F, frames = setup.chunk_frames, setup.eval_frames
+    worlds = setup.world(2, frames, 30_000)
+    scores = {name: {"revisit": [], "new": []} for name in models}
+    for i in range(2):
+        truth = worlds.read(i, 0, frames, (setup.frame_size, setup.frame_size))["video"]
+        labels = worlds.labels(i, window=setup.window_frames, sink=setup.sink_frames, chunk=F)
+        assert labels["revisit"].sum() >= 3 * F and labels["new"][F:].sum() >= 2 * F
+        for name, model in models.items():
+            psnr = frame_psnr(model.rollout(truth[:, :F], worlds.actions(i), frames, seed=i, history=truth).video,
+                              truth)
+            scores[name]["revisit"].append(psnr[labels["revisit"]])
+            scores[name]["new"].append(psnr[F:][labels["new"][F:]])
+    mean = {name: {k: float(torch.cat(v).mean()) for k, v in s.items()} for name, s in scores.items()}
+    hybrid, local = mean["hybrid_gdn"], mean["sink_window"]
+    assert hybrid["revisit"] > local["revisit"] + REVISIT_DB, mean  # recall
+    assert hybrid["new"] < local["new"] + NEW_DB, mean  # not a better model: new places are no better
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -191,3 +226,36 @@ def test_the_shipped_world_models_load_play_the_world_and_fail_cleanly_when_trun
 def test_quality_bench_refuses_a_setup_that_cannot_work_before_training(flags, message, tmp_path, capsys):
     assert main(["bench", "quality", "--quick", "--out", str(tmp_path / "r"), *flags]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_gap_closed_and_its_spread_over_worlds_against_hand_computed_values():
+    from memkit.bench.quality import VariantResult, gap_closed, gap_spread
+
+    def result(kind, revisit):
+        r = VariantResult(kind)
+        r.psnr_tf = {"revisit": sum(revisit) / len(revisit), "new": 10.0, "all": 10.0}
+        r.psnr_tf_worlds = {"revisit": revisit, "new": [10.0] * len(revisit)}
+        return r
+
+    results = {"full": result("full", [14.0, 16.0, 15.0, 15.0]),
+               "sink_window": result("sink_window", [10.0, 10.0, 10.0, 10.0]),
+               "hybrid_gdn": result("hybrid_gdn", [14.0, 16.0, 15.0, 15.0]),  # as full in every world
+               "hybrid_ssd": result("hybrid_ssd", [10.0, 10.0, 10.0, 10.0]),  # as sink_window
+               "hybrid_blockwise": result("hybrid_blockwise", [12.0, 13.0, 12.5, 12.5])}  # half the gap
+    gaps = gap_closed(results, forced=True)
+    assert gaps == pytest.approx({"hybrid_gdn": 1.0, "hybrid_ssd": 0.0, "hybrid_blockwise": 0.5})
+    spread = gap_spread(results)
+    assert spread["hybrid_gdn"] == pytest.approx((1.0, 1.0)) and spread["hybrid_ssd"] == pytest.approx((0.0, 0.0))
+    # half of every world's gap, so half of any resample's: (12 - 10) / (14 - 10) = (13 - 10) / (16 - 10) = 0.5
+    assert spread["hybrid_blockwise"] == pytest.approx((0.5, 0.5))
+    results["hybrid_blockwise"].psnr_tf_worlds["revisit"] = [14.0, 10.0, 12.5, 12.5]  # one world recalls, one not
+    low, high = gap_spread(results)["hybrid_blockwise"]
+    assert low < 0.4 and high > 0.6
+
+
+def test_quality_bench_on_the_camera_world(tmp_path):
+    out = tmp_path / "camera"
+    assert main(["bench", "quality", "--quick", "--world", "camera", "--steps", "1", "--variants", "full",
+                 "sink_window", "--out", str(out)]) == 0
+    report = json.loads((out / "quality.json").read_text())
+    assert report["setup"]["world_kind"] == "camera" and set(report["results"]) == {"full", "sink_window"}

@@ -33,6 +33,11 @@ class BenchResult:
     def median_ms(self, lo: int, hi: int) -> float:
         return statistics.median(self.times_ms[lo:hi])
 
+    def early_late_ms(self) -> tuple[float, float]:
+        """Median ms per chunk over the early and the late chunks of :func:`windows`."""
+        (e0, e1), (l0, l1) = windows(len(self.times_ms))
+        return self.median_ms(e0, e1), self.median_ms(l0, l1)
+
 
 def run_memory_bench(kinds=None, chunks=256, chunk_frames=3, sink_frames=3, window_frames=6, heads=4, head_dim=32,
                      frame_tokens=64, dim=128, device="cpu", dtype=torch.float32, seed=0, progress=True):
@@ -88,7 +93,7 @@ def results_table(results: dict[str, BenchResult], title: str) -> Table:
     for col in ("memory", f"chunk {e0}-{e1 - 1} ms", f"chunk {l0}-{l1 - 1} ms", "late / early", "state MiB (end)"):
         table.add_column(col, justify="left" if col == "memory" else "right")
     for r in results.values():
-        early, late = r.median_ms(e0, e1), r.median_ms(l0, l1)
+        early, late = r.early_late_ms()
         table.add_row(r.kind, f"{early:.3f}", f"{late:.3f}", f"{late / early:.2f}", f"{r.state_bytes[-1] / 2**20:.2f}")
     return table
 
@@ -99,9 +104,7 @@ def timing_caveat(results: dict[str, BenchResult], bound: float = 1.3) -> str | 
     not the memory. None when every bounded memory stays within ``bound``."""
     import os
 
-    chunks = len(next(iter(results.values())).times_ms)
-    (e0, e1), (l0, l1) = windows(chunks)
-    ratios = {r.kind: r.median_ms(l0, l1) / r.median_ms(e0, e1) for r in results.values() if r.kind != "full"}
+    ratios = {r.kind: late / early for r in results.values() if r.kind != "full" for early, late in [r.early_late_ms()]}
     worst = max(ratios, key=ratios.get, default=None)
     if worst is None or ratios[worst] <= bound:
         return None

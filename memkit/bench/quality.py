@@ -17,10 +17,12 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+
+from memkit.errors import ConfigError
 
 VARIANTS = ("full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd", "hybrid_blockwise")
 HYBRIDS = tuple(v for v in VARIANTS if v.startswith("hybrid"))
@@ -32,9 +34,13 @@ ROPE_FRAMES = 1024  # positions in the backbone's RoPE table (WorldModel.load ex
 class QualitySetup:
     """One run's sizes and budget. The defaults fit one sitting on a 2-core CPU (see docs/benchmarks.md)."""
 
+    world_kind: str = "loops"  # "loops": LoopVideos (places that come back); "camera": WorldVideos (a wandering camera)
     frame_size: int = 32  # pixels per side; a token is a patch x patch pixel square
-    patch: int = 4
-    view_cells: int = 8
+    patch: int = 8
+    loop_places: int = 3  # loops: places in the loop (a place comes back every loop_places shots)
+    places: int = 16  # loops: the place ids prompts can name
+    mosaic: int = 1  # loops: a place is a mosaic x mosaic grid of flat colours
+    view_cells: int = 8  # camera: the view and the world, in cells; objects in it
     world_cells: int = 24
     objects: int = 20
     layers: int = 4
@@ -45,16 +51,16 @@ class QualitySetup:
     prompt_len: int = 4
     chunk_frames: int = 3
     sink_frames: int = 3
-    window_frames: int = 6
-    blocks: int = 2
-    horizon_frames: int = 96  # the hybrids' router horizon (positions past it read as its end)
-    train_videos: int = 256
+    window_frames: int = 3
+    blocks: int = 4
+    horizon_frames: int = 48  # the hybrids' router horizon (positions past it read as its end)
+    train_videos: int = 1024
     clip_frames: int = 24
-    batch: int = 2
-    steps: int = 300
+    batch: int = 4
+    steps: int = 600
     lr: float = 5e-3
-    eval_videos: int = 4
-    eval_frames: int = 96
+    eval_videos: int = 16
+    eval_frames: int = 24
     sampling_steps: int = 4
     seed: int = 0
 
@@ -76,10 +82,26 @@ class QualitySetup:
                             horizon_frames=self.horizon_frames, check_finite=False)
 
     def world(self, count: int, frames: int, seed: int):
+        if self.world_kind == "loops":
+            from memkit.data.loops import LoopVideos
+
+            return LoopVideos(count=count, frames=frames, seed=seed, loop_places=self.loop_places,
+                              shot_frames=self.chunk_frames, places=self.places, mosaic=self.mosaic)
         from memkit.data.world import WorldVideos
 
         return WorldVideos(count=count, frames=frames, seed=seed, view_cells=self.view_cells,
                            world_cells=self.world_cells, objects=self.objects, action_frames=self.chunk_frames)
+
+    @property
+    def prompts(self) -> str:
+        """What the models' prompt ids name (``WorldModel``'s ``prompts``)."""
+        return f"places:{self.places}" if self.world_kind == "loops" else "actions"
+
+    @property
+    def train_frames(self) -> int:
+        """Frames per training video: a loop video is one clip (it starts at its start place); a camera's path is
+        long, and clips are cut from it anywhere."""
+        return self.clip_frames if self.world_kind == "loops" else TRAIN_FRAMES
 
 
 @dataclass
@@ -90,6 +112,12 @@ class VariantResult:
     psnr: dict[str, float] = field(default_factory=dict)  # "revisit" / "new" / "all" -> dB, free rollouts
     ssim: dict[str, float] = field(default_factory=dict)
     psnr_tf: dict[str, float] = field(default_factory=dict)  # the same, each chunk sampled from the true past
+    # per held-out world: "revisit" / "new" -> PSNR of that world's frames (free rollouts, and from the true past)
+    psnr_worlds: dict[str, list[float]] = field(default_factory=dict)
+    psnr_tf_worlds: dict[str, list[float]] = field(default_factory=dict)
+    # free rollouts of a world of places: each return against the model's own frame of that place at its last
+    # visit ("revisit"), and each new place against it too ("new": the control; a different place)
+    psnr_self: dict[str, float] = field(default_factory=dict)
     drift: list[float] = field(default_factory=list)  # PSNR per frame index (generated frames), mean over videos
     chunk_ms: dict[str, float] = field(default_factory=dict)  # "early" / "late" median per-chunk time
     state_bytes: int = 0
@@ -114,7 +142,7 @@ def train_variant(setup: QualitySetup, kind: str, progress: bool = True, console
     module = MemoryFinetune(backbone=setup.backbone(), memory=setup.memory(kind), loss=loss,
                             chunk_frames=setup.chunk_frames, latent_size=(setup.frame_size, setup.frame_size),
                             trainable="all", lr=setup.lr, warmup_steps=min(20, setup.steps // 10), seed=setup.seed)
-    data = ClipDataModule(setup.world(setup.train_videos, TRAIN_FRAMES, setup.seed), frames=setup.clip_frames,
+    data = ClipDataModule(setup.world(setup.train_videos, setup.train_frames, setup.seed), frames=setup.clip_frames,
                           batch_size=setup.batch, prompt_len=setup.prompt_len, seed=setup.seed)
     trainer = L.Trainer(max_steps=setup.steps, max_epochs=10**6, accelerator="cpu" if not torch.cuda.is_available()
                         else "auto", devices=1, logger=False, enable_checkpointing=False,
@@ -129,7 +157,8 @@ def train_variant(setup: QualitySetup, kind: str, progress: bool = True, console
     losses = trainer.callback_metrics
     final = float(losses.get("train/loss", float("nan")))
     world = WorldModel(setup.backbone(), setup.memory(kind), (setup.frame_size, setup.frame_size),
-                       chunk_frames=setup.chunk_frames, prompt_len=setup.prompt_len, model=module.model)
+                       chunk_frames=setup.chunk_frames, prompt_len=setup.prompt_len, prompts=setup.prompts,
+                       model=module.model)
     world.model.eval()
     return world, seconds, final
 
@@ -139,7 +168,7 @@ def evaluate(world, setup: QualitySetup, result: VariantResult) -> dict[int, tor
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     first = setup.chunk_frames
-    psnr, ssim, forced, masks, timings, videos = [], [], [], [], [], {}
+    psnr, ssim, forced, masks, videos, own = [], [], [], [], {}, []
     for i, actions, truth, labels in held_out(setup):
         out = world.rollout(truth[:, :first], actions, setup.eval_frames, seed=setup.seed + i)
         true_past = world.rollout(truth[:, :first], actions, setup.eval_frames, seed=setup.seed + i,
@@ -151,17 +180,45 @@ def evaluate(world, setup: QualitySetup, result: VariantResult) -> dict[int, tor
                                                         truth[:, first:].transpose(0, 1), data_range=2.0,
                                                         reduction="none"))
         masks.append(labels)
-        timings.append(out.chunk_seconds)
-        result.state_bytes = out.state_bytes
+        if "last_seen" in labels:
+            own.append((self_psnr(out.video, labels["last_seen"], first), labels))
     psnr = torch.stack(psnr)
     result.psnr, result.ssim = by_label(psnr, masks), by_label(torch.stack(ssim), masks)
     result.psnr_tf = by_label(torch.stack(forced), masks)
+    result.psnr_worlds, result.psnr_tf_worlds = per_world(psnr, masks), per_world(torch.stack(forced), masks)
     result.drift = psnr.mean(dim=0).tolist()
-    per_chunk = torch.tensor(timings)  # (videos, generated chunks)
-    k = max(1, per_chunk.shape[1] // 5)
-    result.chunk_ms = {"early": 1e3 * float(per_chunk[:, :k].median()),
-                       "late": 1e3 * float(per_chunk[:, -k:].median())}
+    if own:
+        result.psnr_self = {name: float(torch.cat([v[m[name]] for v, m in own]).mean()) for name in ("revisit", "new")}
+    result.chunk_ms, result.state_bytes = time_chunks(world, setup)
     return videos
+
+
+def self_psnr(video: torch.Tensor, last_seen: torch.Tensor, first: int) -> torch.Tensor:
+    """PSNR of each generated frame ``t >= first`` of ``video (3, F, H, W)`` against its own frame ``last_seen[t]``
+    (the place's previous showing; for a new place, the frame before its chunk): ``(F - first,)``."""
+    frames = torch.arange(first, video.shape[1])
+    earlier = torch.where(last_seen[frames] >= 0, last_seen[frames], frames - frames % first - 1)
+    return frame_psnr(video[:, frames], video[:, earlier])
+
+
+#: Chunks timed in a row for the cost per chunk, from the first one that reads a global memory.
+TIMED_CHUNKS = 24
+
+
+def time_chunks(world, setup: QualitySetup) -> tuple[dict[str, float], int]:
+    """The median time per chunk of a free rollout of the first held-out world, over the first 5 chunks that read
+    a global memory ("early") and the last 5 of ``TIMED_CHUNKS`` chunks ("late"), and the stream state's bytes at
+    the end. Before the first eviction a hybrid skips its (empty) global read: those chunks are not compared."""
+    from memkit.train.losses.rolling import global_read_frames
+
+    F = setup.chunk_frames
+    start = global_read_frames(setup.sink_frames, setup.window_frames, F) // F
+    frames = F * (start + TIMED_CHUNKS)
+    source = setup.world(1, frames, setup.seed + 10_000)
+    truth = source.read(0, 0, F, (setup.frame_size, setup.frame_size))["video"]
+    out = world.rollout(truth, source.actions(0), frames, seed=setup.seed)
+    times = torch.tensor(out.chunk_seconds[start - 1:])  # chunk_seconds starts at the second chunk
+    return {"early": 1e3 * float(times[:5].median()), "late": 1e3 * float(times[-5:].median())}, out.state_bytes
 
 
 def held_out(setup: QualitySetup):
@@ -171,7 +228,10 @@ def held_out(setup: QualitySetup):
     for i in range(len(source)):
         truth = source.read(i, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"]
         labels = source.labels(i, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
-        yield i, source.actions(i), truth, {n: labels[n][setup.chunk_frames:] for n in ("revisit", "new")}
+        masks = {n: labels[n][setup.chunk_frames:] for n in ("revisit", "new")}
+        if "last_seen" in labels:  # a world of places: each frame's place at its last showing (all frames)
+            masks["last_seen"] = labels["last_seen"]
+        yield i, source.actions(i), truth, masks
 
 
 def frame_psnr(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -189,6 +249,13 @@ def by_label(values: torch.Tensor, masks: list[dict[str, torch.Tensor]]) -> dict
         mask = torch.stack([m[name] for m in masks])
         out[name] = float(values[mask].mean()) if mask.any() else float("nan")
     return {**out, "all": float(values.mean())}
+
+
+def per_world(values: torch.Tensor, masks: list[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
+    """Per video (held-out world), the mean of its per-frame ``values`` over its revisited and its new frames
+    (NaN where it has none)."""
+    return {name: [float(v[m[name]].mean()) if m[name].any() else float("nan") for v, m in zip(values, masks)]
+            for name in ("revisit", "new")}
 
 
 def flat_baseline(setup: QualitySetup) -> dict[str, float]:
@@ -217,18 +284,51 @@ def gap_closed(results: dict[str, VariantResult], metric: str = "revisit", force
     return {k: (value(k) - low) / (high - low) for k in results if k in HYBRIDS}
 
 
+def gap_spread(results: dict[str, VariantResult], forced: bool = True, resamples: int = 2000,
+               seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Per hybrid, the 5th and 95th percentiles of its gap closed on revisited frames when the held-out worlds are
+    resampled with replacement (a bootstrap over worlds): how far the figure could move with other worlds."""
+    if "full" not in results or "sink_window" not in results:
+        return {}
+    key = "psnr_tf_worlds" if forced else "psnr_worlds"
+    table = {k: torch.tensor(getattr(r, key).get("revisit", [])) for k, r in results.items()}
+    if any(len(v) == 0 for v in table.values()):
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(table["full"]), (resamples, len(table["full"])), generator=gen)
+
+    def means(kind):
+        return table[kind][picks].nanmean(dim=1)
+
+    low, high = means("sink_window"), means("full")
+    out = {}
+    for kind in results:
+        if kind in HYBRIDS:
+            share = ((means(kind) - low) / (high - low))[high - low > 0]
+            if len(share):
+                q = torch.quantile(share, torch.tensor([0.05, 0.95]))
+                out[kind] = (float(q[0]), float(q[1]))
+    return out
+
+
 def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | None = None, export: str | None = None,
-                      console=None, progress: bool = True, command: str = "memkit bench quality"
-                      ) -> dict[str, VariantResult]:
+                      console=None, progress: bool = True, command: str = "memkit bench quality",
+                      from_models: str | None = None) -> dict[str, VariantResult]:
     """Train and evaluate each variant in turn; with ``out_dir``, write the table and plots there (with the
-    model-free baseline and ``command``); with ``export``, save each trained model there."""
+    model-free baseline and ``command``); with ``export``, save each trained model there. With ``from_models``
+    (a folder that ``export`` wrote), train nothing: evaluate the models there (their training time and loss
+    come from the files)."""
     check_setup(setup, variants)
     results = {}
     t_start = time.perf_counter()
     for kind in variants:
-        if console is not None:
-            console.print(f"[bold]{kind}[/bold]: training {setup.steps} steps ...")
-        world, seconds, final = train_variant(setup, kind, progress=progress, console=console)
+        if from_models is not None:
+            world = load_exported(Path(from_models) / f"world_{kind}.safetensors", setup)
+            seconds, final = world.meta["training"]["seconds"], world.meta["training"]["loss"]
+        else:
+            if console is not None:
+                console.print(f"[bold]{kind}[/bold]: training {setup.steps} steps ...")
+            world, seconds, final = train_variant(setup, kind, progress=progress, console=console)
         result = VariantResult(kind, seconds, final)
         result.first_video = evaluate(world, setup, result)[0]
         results[kind] = result
@@ -236,14 +336,15 @@ def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | Non
             console.print(f"  {kind}: {seconds:.0f} s, loss {final:.3f}, PSNR revisit {result.psnr['revisit']:.2f} "
                           f"new {result.psnr['new']:.2f} all {result.psnr['all']:.2f} dB; true past: revisit "
                           f"{result.psnr_tf['revisit']:.2f} new {result.psnr_tf['new']:.2f} dB")
-        if export is not None:
+        if export is not None and from_models is None:
             Path(export).mkdir(parents=True, exist_ok=True)
             world.save(Path(export) / f"world_{kind}.safetensors",
                        extra={"training": {"steps": setup.steps, "seconds": round(seconds, 1), "loss": final,
                                            "setup": asdict(setup)}})
     wall = time.perf_counter() - t_start
     if out_dir is not None:
-        baseline = flat_baseline(setup)
+        # a flat place's own mean colour is the place itself: no reference there
+        baseline = flat_baseline(setup) if setup.world_kind == "camera" or setup.mosaic > 1 else None
         written = write_report(results, setup, {k: r.first_video for k, r in results.items()}, out_dir, wall,
                                command=command, baseline=baseline)
         if console is not None:
@@ -251,6 +352,42 @@ def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | Non
             for path in written:
                 console.print(f"wrote {path}")
     return results
+
+
+#: Setup fields that only the evaluation reads: --from-models may change them.
+EVAL_FIELDS = ("eval_videos", "eval_frames", "sampling_steps")
+
+
+def load_exported(path: Path, setup: QualitySetup):
+    """A model ``--export`` wrote, checked to have been trained with ``setup`` (evaluation fields aside)."""
+    from memkit.errors import CheckpointError
+    from memkit.rollout.world import WorldModel
+
+    world = WorldModel.load(path)
+    saved = world.meta.get("training", {}).get("setup")
+    if saved is None:
+        raise CheckpointError(f"{path} records no training setup (not written by memkit bench quality --export)")
+    mine = {k: v for k, v in asdict(setup).items() if k not in EVAL_FIELDS}
+    diffs = [f"{k}: file {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k, v) != v]
+    if diffs:
+        raise CheckpointError(f"{path} was trained with another setup: {'; '.join(diffs[:4])}")
+    world.model.eval()
+    return world
+
+
+def saved_setup(folder: str, variants) -> QualitySetup:
+    """The training setup recorded in the first model of ``folder`` (``--from-models``)."""
+    from memkit.errors import CheckpointError
+    from memkit.rollout.world import WorldModel
+
+    path = Path(folder) / f"world_{variants[0]}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-models {folder}: no {path.name} in it (written by --export)")
+    saved = WorldModel.load(path).meta.get("training", {}).get("setup")
+    if saved is None:
+        raise CheckpointError(f"{path} records no training setup (not written by memkit bench quality --export)")
+    known = {f.name for f in fields(QualitySetup)}
+    return QualitySetup(**{k: v for k, v in saved.items() if k in known})
 
 
 def check_setup(setup: QualitySetup, variants) -> None:
@@ -282,25 +419,32 @@ def check_setup(setup: QualitySetup, variants) -> None:
 def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wall_seconds: float,
                      command: str, baseline: dict[str, float] | None = None) -> str:
     gaps, gaps_tf = gap_closed(results), gap_closed(results, forced=True)
+    spread = gap_spread(results)
 
     def pct(table, kind):
         return f"{100 * table[kind]:.0f}%" if kind in table else "-"
 
+    def pct_spread(kind):
+        if kind not in gaps_tf or kind not in spread:
+            return pct(gaps_tf, kind)
+        return f"{pct(gaps_tf, kind)} ({100 * spread[kind][0]:.0f}-{100 * spread[kind][1]:.0f}%)"
+
     lines = [
         "| memory | PSNR revisited | PSNR new | PSNR all | SSIM revisited | SSIM new | gap closed | "
-        "true-past PSNR revisited | true-past PSNR new | true-past gap closed | ms/chunk early | ms/chunk late | "
-        "state KiB | train s | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "true-past PSNR revisited | true-past PSNR new | true-past gap closed | free: return vs own last visit | "
+        "free: new vs frame before | ms/chunk early | ms/chunk late | state KiB | train s | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in results.items():
         lines.append(
             f"| `{kind}` | {r.psnr['revisit']:.2f} | {r.psnr['new']:.2f} | {r.psnr['all']:.2f} | "
             f"{r.ssim['revisit']:.3f} | {r.ssim['new']:.3f} | {pct(gaps, kind)} | {r.psnr_tf['revisit']:.2f} | "
-            f"{r.psnr_tf['new']:.2f} | {pct(gaps_tf, kind)} | {r.chunk_ms['early']:.1f} | "
+            f"{r.psnr_tf['new']:.2f} | {pct_spread(kind)} | {_db(r.psnr_self.get('revisit'))} | "
+            f"{_db(r.psnr_self.get('new'))} | {r.chunk_ms['early']:.1f} | "
             f"{r.chunk_ms['late']:.1f} | {r.state_bytes / 1024:.0f} | {r.train_seconds:.0f} | {r.final_loss:.3f} |")
     if baseline:
         lines.append(f"| each true frame's mean colour (no model) | {baseline['revisit']:.2f} | "
-                     f"{baseline['new']:.2f} | {baseline['all']:.2f} | | | | | | | | | | | |")
+                     f"{baseline['new']:.2f} | {baseline['all']:.2f} | | | | | | | | | | | | | |")
     budget = (f"{setup.steps} steps x batch {setup.batch} clips of {setup.clip_frames} frames "
               f"({setup.frame_size}x{setup.frame_size} px, {setup.layers} layers, "
               f"{setup.heads}x{setup.head_dim} heads)")
@@ -310,9 +454,19 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
         f"frames ({setup.eval_frames / (setup.sink_frames + setup.window_frames):.1f}x the local memory of "
         f"{setup.sink_frames} sink + {setup.window_frames} window frames), {setup.sampling_steps}-step sampling. "
         "PSNR in dB against the ground truth: free rollouts from the first chunk, and (true past) each chunk "
-        "sampled from the true frames before it.  ",
+        "sampled from the true frames before it. Gap closed: the share of the revisited-frame PSNR gap between "
+        "`sink_window` and `full` a hybrid closes; in brackets the 5th-95th percentiles over the held-out worlds "
+        "resampled (bootstrap). Free: in a world of places, each frame of a free rollout against the model's own "
+        "frame of that place at its last visit (a return shown as the model first showed it scores high), and "
+        "each new place against the frame before it (a control). Cost per chunk: a free rollout of "
+        f"{TIMED_CHUNKS} chunks from the first chunk that reads a global memory, median of its first and last "
+        "5.  ",
         f"Wall time: {wall_seconds / 60:.1f} min.",
         "", *lines, ""])
+
+
+def _db(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def write_report(results, setup, strips, out_dir, wall_seconds, command: str | None = None,
@@ -403,6 +557,13 @@ def plot_strip(videos: dict[str, torch.Tensor], setup: QualitySetup, path) -> No
     plt.close(fig)
 
 
+def camera_setup(**changes) -> QualitySetup:
+    """The wandering-camera world (``WorldVideos``) at the budget its table in docs/benchmarks.md was made with."""
+    camera = dict(world_kind="camera", patch=4, window_frames=6, blocks=2, horizon_frames=96, train_videos=256,
+                  batch=2, steps=300, eval_videos=4, eval_frames=96)
+    return replace(QualitySetup(), **{**camera, **changes})
+
+
 def quick_setup(**changes) -> QualitySetup:
     """A budget for tests: every stage runs, nothing is learned."""
     tiny = dict(frame_size=16, patch=4, view_cells=4, world_cells=8, objects=4, layers=1, heads=2, head_dim=8, ffn=16,
@@ -421,6 +582,9 @@ def add_quality_parser(bsub) -> None:
     q = bsub.add_parser("quality", help="train every memory variant on a procedural world under one budget and "
                                         "measure how well it reproduces places it saw long ago")
     q.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    q.add_argument("--world", choices=["loops", "camera"], default="loops",
+                   help="loops (default): places that come back after they left the local memory (LoopVideos); "
+                        "camera: a camera wandering over a 2-D world (WorldVideos), at its own budget")
     q.add_argument("--steps", type=positive_int, help=f"training steps per variant ({d.steps})")
     q.add_argument("--batch", type=positive_int, help=f"clips per step ({d.batch})")
     q.add_argument("--clip-frames", type=positive_int, help=f"frames per training clip ({d.clip_frames})")
@@ -432,6 +596,9 @@ def add_quality_parser(bsub) -> None:
                                                          "nothing); the flags above still apply")
     q.add_argument("--out", default="docs/results", help="folder for quality.md/.json/.png (default: docs/results)")
     q.add_argument("--export", default=None, help="also save each trained model here (world_<variant>.safetensors)")
+    q.add_argument("--from-models", default=None,
+                   help="train nothing: evaluate the models an --export wrote to this folder, with their own setup "
+                        "(--eval-videos and --eval-frames may change)")
     q.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     q.add_argument("--overwrite", action="store_true", help="replace existing report files")
     q.set_defaults(fn=run_quality_command)
@@ -445,7 +612,15 @@ def run_quality_command(args, console) -> int:
 
     flags = dict(steps=args.steps, batch=args.batch, clip_frames=args.clip_frames, lr=args.lr,
                  eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
-    base = quick_setup() if args.quick else QualitySetup()
+    if args.from_models is not None:
+        training = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in EVAL_FIELDS]
+        if training or args.quick or args.export:
+            raise ConfigError(f"--from-models evaluates trained models with their own setup; drop "
+                              f"{', '.join(training + ['--quick'] * args.quick + ['--export'] * bool(args.export))}")
+        base = saved_setup(args.from_models, args.variants)
+    else:
+        base = quick_setup(world_kind=args.world) if args.quick else camera_setup() if args.world == "camera" else \
+            QualitySetup()
     setup = replace(base, **{k: v for k, v in flags.items() if v is not None})
     check_setup(setup, args.variants)
     folder = check_output_folder(args.out, "--out", REPORT_FILES, overwrite=args.overwrite)
@@ -454,15 +629,16 @@ def run_quality_command(args, console) -> int:
                             overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    console.print(f"memkit bench quality: {len(args.variants)} variants x {setup.steps} training steps")
+    what = f"models from {args.from_models}" if args.from_models else f"{setup.steps} training steps"
+    console.print(f"memkit bench quality: {len(args.variants)} variants x {what}")
     command = "memkit bench quality"
     if sys.argv[1:3] == ["bench", "quality"]:
         command = " ".join([command, *(shlex.quote(a) for a in sys.argv[3:])])
     run_quality_bench(setup, args.variants, out_dir=folder, export=args.export, console=console,
-                      progress=sys.stderr.isatty(), command=command)
+                      progress=sys.stderr.isatty(), command=command, from_models=args.from_models)
     return 0
 
 
 __all__ = ["QualitySetup", "VariantResult", "run_quality_bench", "train_variant", "evaluate", "gap_closed",
-           "write_report", "results_markdown", "quick_setup", "VARIANTS"]
+           "write_report", "results_markdown", "quick_setup", "camera_setup", "gap_spread", "VARIANTS"]
 

@@ -24,6 +24,9 @@ from .sources import ClipSource, seed_of
 log = logging.getLogger("memkit.data")
 
 
+CHECK_BAR_FROM = 500  # samples from which the data check shows a progress bar
+
+
 @dataclass(frozen=True)
 class DataRequirements:
     """What the model being trained takes: latent channels, latent frame size, text width, chunk length."""
@@ -227,9 +230,13 @@ class ClipDataModule(L.LightningDataModule):
     def _check_samples(self, shown: int = 5) -> None:
         """Every sample's length (a header read each), and the first sample whole; a DataError names each bad
         sample (the first ``shown``, and how many more)."""
+        from tqdm.auto import tqdm
+
         dataset = ClipDataset(self.source, self, random_crop=False)
         bad = []
-        for index in range(len(self.source)):
+        # a header read per sample: seconds for thousands of files, so a bar only for big sources
+        for index in tqdm(range(len(self.source)), desc="checking data.source", unit="sample", leave=False,
+                          disable=len(self.source) < CHECK_BAR_FROM or None):
             try:
                 dataset.usable_frames(index)
             except DataError as exc:
@@ -298,7 +305,9 @@ class ClipDataModule(L.LightningDataModule):
                 raise ConfigError(f"{where}: per-frame actions condition a pixel-space backbone; data.vae is set")
 
             first = item["actions"][:: self.requirements.chunk_frames][:chunks]
-            return action_embeddings(dim, self.prompt_len)[first.long()]
+            table = getattr(self.source, "prompt_table", None)  # a source with prompts of its own (places)
+            table = table(dim, self.prompt_len) if table is not None else action_embeddings(dim, self.prompt_len)
+            return table[first.long()]
         if "prompt_embeds" in item:
             p = item["prompt_embeds"]
             p = p[0] if p.dim() == 3 and p.shape[0] == 1 else p

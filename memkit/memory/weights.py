@@ -52,7 +52,8 @@ def memory_weights_info(path: str | os.PathLike) -> dict:
     """What a memory-weights file says besides its tensors: ``layers`` (per layer: kind, config, dims), ``config``
     (the memory config they share) and ``record`` (what it was trained in, see :func:`save_memory`; empty for
     files that record nothing)."""
-    _, meta = _read(path)
+    meta = io.read_meta(path, "memory weights")
+    _check_type(path, meta)
     layers = meta.get("layers", {})
     config = next(iter(layers.values()), {}).get("config", {})  # every layer shares the injection's config
     return {"layers": layers, "config": config, "record": meta.get("record", {})}
@@ -60,9 +61,13 @@ def memory_weights_info(path: str | os.PathLike) -> dict:
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = io.read(path, "memory weights")
+    _check_type(path, meta)
+    return tensors, meta
+
+
+def _check_type(path, meta: dict) -> None:
     if meta.get("type") != "MemoryWeights":
         raise StateFormatError(f"{path} holds a memkit {meta.get('type')!r}, not memory weights")
-    return tensors, meta
 
 
 def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:

@@ -1,7 +1,9 @@
-"""``WorldModel``: a small pixel-space Wan DiT with an injected memory, trained on ``memkit.data.WorldVideos``,
-that plays the world forward from a first chunk and the camera's actions; saved whole in one safetensors file.
+"""``WorldModel``: a small pixel-space Wan DiT with an injected memory, trained on ``memkit.data.WorldVideos`` or
+``memkit.data.LoopVideos``, that plays the world forward from a first chunk and the prompt of each chunk; saved
+whole in one safetensors file.
 
-The camera action of each chunk is its prompt (``memkit.data.world.action_embeddings``). A rollout commits the
+The prompt of each chunk is the camera's action (``memkit.data.world.action_embeddings``), or in a world of
+places the id of the place it shows (``memkit.data.loops.place_embeddings``). A rollout commits the
 given first chunk(s) of ground truth, then samples every further chunk with the few-step sampler, reading the
 memory, and commits it: what the model shows when the camera comes back is what its memory kept.
 """
@@ -36,15 +38,18 @@ class WorldModel:
 
     backbone: an ``adapters.loading.BackboneSpec`` of a random Wan config with 3 input and output channels.
     memory: the memory config. chunk_frames: frames per chunk. prompt_len: tokens of an action's prompt.
+    prompts: what the prompt ids of :meth:`rollout` name: ``"actions"`` (the camera's moves, ``WorldVideos``) or
+    ``"places:N"`` (N place ids, ``LoopVideos``).
     """
 
     def __init__(self, backbone, memory: MemoryConfig, frame_size: tuple[int, int], *, chunk_frames: int = 3,
-                 prompt_len: int = 4, device="cpu", model=None):
+                 prompt_len: int = 4, prompts: str = "actions", device="cpu", model=None):
         import adapters
         from adapters.loading import load_backbone
 
         self.backbone_spec, self.memory, self.frame_size = backbone, memory, tuple(frame_size)
         self.chunk_frames, self.prompt_len = chunk_frames, prompt_len
+        self.prompts = prompts
         self.meta: dict = {}  # what the file it was loaded from says (training budget, setup)
         self.model = model if model is not None else load_backbone(backbone, device=device).model
         if model is None or not hasattr(self.model, "_memkit_handle"):
@@ -52,6 +57,7 @@ class WorldModel:
                                           freeze_backbone=True)
         else:
             self.handle = self.model._memkit_handle
+        self.prompt_table()  # an unknown kind of prompts is refused here
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +66,21 @@ class WorldModel:
     def describe(self) -> dict:
         return {"backbone": self.backbone_spec.to_dict(), "memory": self.memory.to_dict(),
                 "frame_size": list(self.frame_size), "chunk_frames": self.chunk_frames,
-                "prompt_len": self.prompt_len}
+                "prompt_len": self.prompt_len, "prompts": self.prompts}
+
+    def prompt_table(self) -> torch.Tensor:
+        """The prompt of each id, ``(ids, prompt_len, text_dim)``."""
+        text_dim = self.handle.dims.text_dim
+        if self.prompts == "actions":
+            from memkit.data.world import action_embeddings
+
+            return action_embeddings(text_dim, self.prompt_len)
+        kind, _, count = self.prompts.partition(":")
+        if kind == "places" and count.isdigit() and int(count) > 0:
+            from memkit.data.loops import place_embeddings
+
+            return place_embeddings(text_dim, self.prompt_len, int(count))
+        raise ConfigError(f"prompts must be 'actions' or 'places:N', got {self.prompts!r}")
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
@@ -88,7 +108,7 @@ class WorldModel:
                                                                           "rope_max_seq_len": max_frames}})
             memory = MemoryConfig.from_dict(meta["memory"])
             world = cls(spec, memory, tuple(meta["frame_size"]), chunk_frames=meta["chunk_frames"],
-                        prompt_len=meta["prompt_len"], device=device)
+                        prompt_len=meta["prompt_len"], prompts=meta.get("prompts", "actions"), device=device)
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: the world model's description is incomplete ({exc})") from None
         own = world.model.state_dict()
@@ -112,8 +132,6 @@ class WorldModel:
         history: the true frames ``(3, >= frames, H, W)``; if given, each sampled chunk is returned but the true
         chunk is committed in its place, so every chunk is predicted from the true past (no drift: what the
         memory recalls, not how errors compound)."""
-        from memkit.data.world import ACTIONS, action_embeddings
-
         F = self.chunk_frames
         if first.dim() != 4 or first.shape[0] != 3 or tuple(first.shape[2:]) != self.frame_size:
             raise ShapeError(f"first must be (3, n, {self.frame_size[0]}, {self.frame_size[1]}), "
@@ -123,8 +141,9 @@ class WorldModel:
                               f"first <= frames")
         if actions.dim() != 1 or len(actions) < frames:
             raise ShapeError(f"actions must be one per frame, at least ({frames},); got {tuple(actions.shape)}")
-        if actions.dtype != torch.long or actions.min() < 0 or actions.max() >= len(ACTIONS):
-            raise ConfigError(f"actions must be long action ids in [0, {len(ACTIONS)}) ({', '.join(ACTIONS)}); got "
+        table = self.prompt_table()
+        if actions.dtype != torch.long or actions.min() < 0 or actions.max() >= len(table):
+            raise ConfigError(f"actions must be long prompt ids in [0, {len(table)}) ({self.prompts}); got "
                               f"{actions.dtype} in [{actions.min().item()}, {actions.max().item()}]")
         if history is not None and (history.dim() != 4 or history.shape[0] != 3 or history.shape[1] < frames
                                     or tuple(history.shape[2:]) != self.frame_size):
@@ -132,7 +151,7 @@ class WorldModel:
                              f"{self.frame_size[1]}), got {tuple(history.shape)}")
         schedule = schedule or FlowSchedule()
         device, dtype = self.device, next(self.model.parameters()).dtype
-        table = action_embeddings(self.handle.dims.text_dim, self.prompt_len).to(device, dtype)
+        table = table.to(device, dtype)
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def noise():

@@ -43,23 +43,36 @@ def looks_like_safetensors(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of any safetensors file; an unreadable one is a StateFormatError."""
+def read_safetensors(path: str | os.PathLike, what: str,
+                     tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (none unless ``tensors``) and header metadata of any safetensors file; an unreadable one is a
+    StateFormatError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            found = {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise StateFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    return tensors, header
+    return found, header
 
 
 def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by :func:`write`; every way it can be wrong is a StateFormatError."""
     tensors, header = read_safetensors(path, what)
+    return tensors, _meta(path, header, what)
+
+
+def read_meta(path: str | os.PathLike, what: str) -> dict:
+    """The metadata of a file written by :func:`write`, without reading its tensors (checked as :func:`read`
+    checks it)."""
+    _, header = read_safetensors(path, what, tensors=False)
+    return _meta(path, header, what)
+
+
+def _meta(path, header: dict[str, str], what: str) -> dict:
     if SCHEMA_KEY not in header:
         raise StateFormatError(f"{path} is a safetensors file but not a memkit {what} (no {SCHEMA_KEY!r} metadata)")
     version = header[SCHEMA_KEY]
@@ -68,7 +81,6 @@ def read(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], d
             f"{path} has memkit schema version {version}; this memkit reads version {SCHEMA_VERSION}"
         )
     try:
-        meta = json.loads(header["meta"])
+        return json.loads(header["meta"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise StateFormatError(f"{path}: memkit metadata is missing or corrupt ({exc})") from None
-    return tensors, meta

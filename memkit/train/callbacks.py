@@ -80,7 +80,7 @@ class ExportMemoryWeights(L.Callback):
         from .trainable import lora_state_dict
 
         spec = getattr(pl_module, "backbone_spec", None)
-        built = {} if spec is None else {"backbone_spec": spec.to_dict()}
+        built = {"trainable": pl_module.trainable, **({} if spec is None else {"backbone_spec": spec.to_dict()})}
         targets = [("memory", self.path, lambda p: pl_module.handle.save_memory(p, **built))]
         if pl_module.trainable == "lora":
             lora_path = self.path.with_name(self.path.stem + ".lora.safetensors")

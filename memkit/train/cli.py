@@ -137,17 +137,21 @@ def _say_written(exporter) -> None:
         print(f"{'LoRA' if kind == 'lora' else 'memory'} weights written to {path}")
 
 
-def check_checkpoint_file(path) -> None:
-    """A ``--resume`` file must be a checkpoint (torch's zip archive), not memory weights or a stream state."""
+def check_checkpoint_file(path, flag: str = "--resume") -> None:
+    """A ``--resume`` (``flag``) file must be a checkpoint (torch's zip archive), not memory weights or a stream
+    state."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (--resume)")
+        raise FileNotFoundError(f"no checkpoint at {path} ({flag})")
     if zipfile.is_zipfile(path):
         return
     from memkit.state.io import looks_like_safetensors
 
     what = ": it is a safetensors file (memory weights, or a stream state?)" if looks_like_safetensors(path) else ""
-    raise ConfigError(f"--resume {path} is not a Lightning checkpoint{what}; --resume takes a .ckpt that memkit "
+    raise ConfigError(f"{flag} {path} is not a Lightning checkpoint{what}; {flag} takes a .ckpt that memkit "
+                      f"train wrote, or its run folder (memory weights go to memkit generate --memory-weights)"
+                      if flag == "--from-run" else
+                      f"{flag} {path} is not a Lightning checkpoint{what}; {flag} takes a .ckpt that memkit "
                       f"train wrote (memory weights go to memkit generate --memory-weights)")
 
 
