@@ -507,9 +507,10 @@ def write_report(results, setup, strips, out_dir, wall_seconds, command: str | N
     kinds = list(results)
     xs = torch.arange(len(kinds)).float()
     bars = (("revisited, rollout", "psnr", "revisit", "tab:blue"), ("new, rollout", "psnr", "new", "tab:orange"),
-            ("revisited, true past", "psnr_tf", "revisit", "tab:green"))
-    for off, (label, table, name, colour) in zip((-0.27, 0.0, 0.27), bars):
-        ax2.bar((xs + off).tolist(), [getattr(results[k], table)[name] for k in kinds], width=0.27, color=colour,
+            ("revisited, true past", "psnr_tf", "revisit", "tab:green"),
+            ("new, true past", "psnr_tf", "new", "tab:olive"))
+    for off, (label, table, name, colour) in zip((-0.3, -0.1, 0.1, 0.3), bars):
+        ax2.bar((xs + off).tolist(), [getattr(results[k], table)[name] for k in kinds], width=0.2, color=colour,
                 label=label)
     ax2.set_xticks(xs.tolist(), kinds, rotation=20, fontsize=8)
     low = min(min(getattr(r, t)[n] for _, t, n, _ in bars) for r in results.values())
