@@ -56,14 +56,14 @@ class TrainedRun:
 
         prefix = "model."
         tensors = {k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
-        lora = self.setup.get("trainable") == "lora"
-        if lora and not getattr(model, "peft_config", None):
+        added = self.setup.get("trainable") == "lora" and not getattr(model, "peft_config", None)
+        if added:
             add_lora(model, LoraOptions(**self.setup["lora"]))
         own = model.state_dict()
         foreign = sorted(set(tensors) - set(own))
         wrong = sorted(k for k in set(tensors) & set(own) if own[k].shape != tensors[k].shape)
         if foreign or wrong or len(tensors) != len(self.state_dict):
-            if lora:
+            if added:
                 model.unload_lora()
             raise CheckpointError(f"{self.checkpoint} does not fit the model its setup describes: unknown tensors "
                                   f"{foreign[:3]}, wrong shapes {wrong[:3]}")
