@@ -98,6 +98,10 @@ def _pixels_per_latent(settings: dict) -> int:
     return 1 if pixel_space(settings) else PIXELS_PER_LATENT
 
 
+def _frames_per_latent(pixels: bool) -> int:
+    return 1 if pixels else FRAMES_PER_LATENT
+
+
 def add_generate_parser(sub) -> None:
     from memkit.cli_args import default_device, finite_float, nonnegative_int, positive_float, positive_int
 
@@ -460,7 +464,7 @@ def _chunks_to_generate(args, cursor: int, chunk_frames: int, decoder_fresh: boo
     wanted = math.ceil(round(wanted, 6))
     if wanted <= 0:
         return 0
-    per_latent = 1 if pixels else FRAMES_PER_LATENT
+    per_latent = _frames_per_latent(pixels)
     per_chunk = per_latent * chunk_frames
     extra = per_latent - 1 if decoder_fresh else 0
     return math.ceil((wanted + extra) / per_chunk)
@@ -601,7 +605,7 @@ def run_generate(args, console: Console) -> int:
     )
     long_run = num_chunks >= LONG_RUN_CHUNKS
     if long_run:
-        frames = num_chunks * s["chunk_frames"] * (1 if plan.pixel_space else FRAMES_PER_LATENT)
+        frames = num_chunks * s["chunk_frames"] * _frames_per_latent(plan.pixel_space)
         console.print(f"a long run: {num_chunks:,} chunks make about {frames:,} frames, "
                       f"{_duration(frames / VIDEO_FPS)} of video; the time it takes follows its first chunks")
     writes = backbone.vae is not None or (plan.pixel_space and not args.no_decode)

@@ -259,3 +259,19 @@ def test_quality_bench_on_the_camera_world(tmp_path):
                  "sink_window", "--out", str(out)]) == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["setup"]["world_kind"] == "camera" and set(report["results"]) == {"full", "sink_window"}
+
+
+def test_a_free_rollout_is_scored_against_its_own_last_showing_of_each_place():
+    from memkit.bench.quality import frame_psnr, self_psnr
+    from memkit.data import loop_labels
+
+    a, b = torch.full((3, 2, 2), 0.5), torch.full((3, 2, 2), -0.5)
+    again = a + 0.1  # the place shown again, a little off
+    video = torch.stack([a, a, a, b, b, b, again, again, again], dim=1)
+    last_seen = loop_labels(torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0]), chunk=3)["last_seen"]
+    scores = self_psnr(video, last_seen, 3)
+    # a new place against the frame before its chunk (2); a return against its place's last frame (2)
+    expected = torch.cat([frame_psnr(video[:, 3:6], a[:, None].expand(3, 3, 2, 2)),
+                          frame_psnr(video[:, 6:9], a[:, None].expand(3, 3, 2, 2))])
+    assert torch.allclose(scores, expected)
+    assert scores[3:].min() > scores[:3].max() + 10  # the return is close, the new place far

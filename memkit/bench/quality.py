@@ -364,9 +364,7 @@ def load_exported(path: Path, setup: QualitySetup):
     from memkit.rollout.world import WorldModel
 
     world = WorldModel.load(path)
-    saved = world.meta.get("training", {}).get("setup")
-    if saved is None:
-        raise CheckpointError(f"{path} records no training setup (not written by memkit bench quality --export)")
+    saved = _training_setup(world.meta, path)
     mine = {k: v for k, v in asdict(setup).items() if k not in EVAL_FIELDS}
     diffs = [f"{k}: file {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k, v) != v]
     if diffs:
@@ -376,18 +374,25 @@ def load_exported(path: Path, setup: QualitySetup):
 
 
 def saved_setup(folder: str, variants) -> QualitySetup:
-    """The training setup recorded in the first model of ``folder`` (``--from-models``)."""
-    from memkit.errors import CheckpointError
-    from memkit.rollout.world import WorldModel
+    """The training setup recorded in the first model of ``folder`` (``--from-models``), read from its metadata
+    alone."""
+    from memkit.state import io
 
     path = Path(folder) / f"world_{variants[0]}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--from-models {folder}: no {path.name} in it (written by --export)")
-    saved = WorldModel.load(path).meta.get("training", {}).get("setup")
-    if saved is None:
-        raise CheckpointError(f"{path} records no training setup (not written by memkit bench quality --export)")
+    saved = _training_setup(io.read_meta(path, "world model"), path)
     known = {f.name for f in fields(QualitySetup)}
     return QualitySetup(**{k: v for k, v in saved.items() if k in known})
+
+
+def _training_setup(meta: dict, path) -> dict:
+    from memkit.errors import CheckpointError
+
+    saved = meta.get("training", {}).get("setup")
+    if saved is None:
+        raise CheckpointError(f"{path} records no training setup (not written by memkit bench quality --export)")
+    return saved
 
 
 def check_setup(setup: QualitySetup, variants) -> None:

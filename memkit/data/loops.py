@@ -77,7 +77,9 @@ class LoopVideos(RenderedSource):
     def actions(self, index: int) -> torch.Tensor:
         """Each frame's place id, long ``(frames,)``."""
         check_index(self, index)
-        plan, _ = self._plan(index)
+        return self._frame_places(self._plan(index)[0])
+
+    def _frame_places(self, plan: list[int]) -> torch.Tensor:
         return torch.tensor(plan, dtype=torch.long).repeat_interleave(self.shot_frames)[: self.frames]
 
     def read(self, index: int, start: int, frames: int, size: tuple[int, int]) -> dict:
@@ -87,8 +89,8 @@ class LoopVideos(RenderedSource):
         if height % self.mosaic or width % self.mosaic:
             raise ConfigError(f"frame size {height}x{width} must be divisible by mosaic ({self.mosaic})")
         check_window(self.describe(index), start, frames, self.frames)
-        _, colours = self._plan(index)
-        ids = self.actions(index)[start: start + frames]
+        plan, colours = self._plan(index)
+        ids = self._frame_places(plan)[start: start + frames]
         images = colours.repeat_interleave(height // self.mosaic, dim=2).repeat_interleave(width // self.mosaic, dim=3)
         return {"video": images[ids].permute(1, 0, 2, 3).contiguous(), "actions": ids}
 

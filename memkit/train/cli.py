@@ -158,17 +158,24 @@ def check_checkpoint_file(path, flag: str = "--resume") -> None:
 def load_checkpoint(module, path) -> int:
     """Load the trained tensors of checkpoint ``path`` into ``module`` (a MemoryFinetune), checked as a resume
     checks them; returns the checkpoint's step."""
+    ckpt = read_checkpoint(path)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    return int(ckpt.get("global_step", 0))
+
+
+def read_checkpoint(path, flag: str = "--resume") -> dict:
+    """A Lightning checkpoint's contents, loaded safely (``weights_only=True``); an unreadable file, or one with no
+    ``state_dict``, is a one-line error naming ``flag``."""
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged archive, or one holding objects a safe load refuses
-        raise ConfigError(f"--resume {path} cannot be read as a checkpoint: {_one_line(exc)[:200]}") from None
+        raise ConfigError(f"{flag} {path} cannot be read as a checkpoint: {_one_line(exc)[:200]}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"--resume {path} holds no state_dict: not a Lightning checkpoint")
-    module.on_load_checkpoint(ckpt)
-    module.load_state_dict(ckpt["state_dict"], strict=False)
-    return int(ckpt.get("global_step", 0))
+        raise ConfigError(f"{flag} {path} holds no state_dict: not a Lightning checkpoint")
+    return ckpt
 
 
 def _one_line(exc: BaseException) -> str:

@@ -90,17 +90,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_run(path: str | os.PathLike) -> TrainedRun:
     """The run at ``path`` (a run folder or a checkpoint file of ``memkit train``), checked."""
-    from .cli import check_checkpoint_file
+    from .cli import check_checkpoint_file, read_checkpoint
 
     ckpt_path = find_checkpoint(path)
     check_checkpoint_file(ckpt_path, "--from-run")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged archive, or one holding objects a safe load refuses
-        raise CheckpointError(f"--from-run {ckpt_path} cannot be read as a checkpoint: "
-                              f"{' '.join(str(exc).split())[:200]}") from None
-    setup = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
-    if not isinstance(setup, dict) or not isinstance(ckpt.get("state_dict"), dict):
+    ckpt = read_checkpoint(ckpt_path, "--from-run")
+    setup = ckpt.get(CHECKPOINT_KEY)
+    if not isinstance(setup, dict) or not isinstance(ckpt["state_dict"], dict):
         raise CheckpointError(f"--from-run {ckpt_path} was not written by memkit train (no memkit setup in it)")
     if not setup.get("spec"):
         raise ConfigError(f"--from-run {ckpt_path}: the run trained a backbone built in Python, which the checkpoint "
