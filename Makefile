@@ -24,7 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m memkit bench memory --chunks 256 --plot docs/img/bench_memory.png --overwrite
-	$(PY) -m memkit bench stream --chunks 200 --plot docs/img/bench_stream_cpu.png --overwrite
+	$(PY) -m memkit bench stream --threads 2 --out docs/results --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

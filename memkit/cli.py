@@ -46,27 +46,6 @@ def _check_bench(args) -> None:
     check_outputs({"--plot": getattr(args, "plot", None)}, overwrite=getattr(args, "overwrite", False))
 
 
-def _bench_stream(args, console: Console) -> int:
-    from memkit.bench.memory import plot_results
-    from memkit.bench.stream import results_table, run_stream_bench
-
-    _check_bench(args)
-    results = run_stream_bench(
-        memories=args.memories, chunks=args.chunks, size=args.size, latent_size=tuple(args.latent_size),
-        chunk_frames=args.chunk_frames, sink_frames=args.sink_frames, window_frames=args.window_frames,
-        device=args.device, dtype=DTYPES[args.dtype], progress=not args.quiet,
-    )
-    h, w = args.latent_size
-    title = (f"memkit bench stream: Wan {args.size!r} (random weights), {args.chunks} chunks x {args.chunk_frames} "
-             f"latent frames of {h}x{w}, 4 denoising reads + 1 commit per chunk, sink {args.sink_frames} + window "
-             f"{args.window_frames}, {args.device} {args.dtype}")
-    console.print(results_table(results, title, frames_per_chunk=4 * args.chunk_frames))
-    if args.plot:
-        plot_results(results, args.plot, title, time_label="time per chunk (ms)")
-        console.print(f"plot written to {args.plot}")
-    return 0
-
-
 def _bench_train(args, console: Console) -> int:
     from memkit.bench.train import results_table, run_train_bench
 
@@ -152,23 +131,6 @@ def build_parser() -> ArgumentParser:
     mem.add_argument("--quiet", action="store_true", help="no progress bar")
     mem.set_defaults(fn=_bench_memory)
 
-    st = bsub.add_parser("stream", help="the generation loop on a random Wan backbone with full, sink_window, "
-                                        "hybrid_gdn: time per chunk, state and peak memory early and late")
-    st.add_argument("--chunks", type=positive_int, default=200)
-    st.add_argument("--memories", nargs="+", default=["full", "sink_window", "hybrid_gdn"])
-    st.add_argument("--size", default="small", help="Wan config: tiny, small or 1.3B (default: small)")
-    st.add_argument("--latent-size", type=positive_int, nargs=2, default=[16, 16], metavar=("H", "W"),
-                    help="latent frame size (832x480 video: 60 104)")
-    st.add_argument("--chunk-frames", type=positive_int, default=3)
-    st.add_argument("--sink-frames", type=nonnegative_int, default=3)
-    st.add_argument("--window-frames", type=positive_int, default=6)
-    st.add_argument("--device", default="cpu", help="default: cpu (cuda for the GPU)")
-    st.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    st.add_argument("--plot", default=None, help="write a PNG of time per chunk and state size")
-    st.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
-    st.add_argument("--quiet", action="store_true", help="no progress bar")
-    st.set_defaults(fn=_bench_stream)
-
     tr = bsub.add_parser("train", help="training steps/s and peak memory of each loss beside the stock model's "
                                        "forward+backward over the same frames")
     tr.add_argument("--losses", nargs="+", default=list(TRAIN_LOSSES), choices=list(TRAIN_LOSSES))
@@ -191,9 +153,9 @@ def build_parser() -> ArgumentParser:
 
     from memkit.bench.quality import add_quality_parser
     from memkit.bench.recall import add_recall_parser
-    from memkit.bench.speed import add_speed_parser
+    from memkit.bench.speed import add_speed_parsers
 
-    add_speed_parser(bsub)
+    add_speed_parsers(bsub)
     add_quality_parser(bsub)
     add_recall_parser(bsub)
 

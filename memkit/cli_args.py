@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
@@ -21,11 +22,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
-    def _get_values(self, action, arg_strings):
-        # argparse drops a "--" value (``--seconds=--``) as the end of options and hands the flag an empty list
-        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
-            raise argparse.ArgumentError(action, "expected one value, got '--'")
-        return super()._get_values(action, arg_strings)
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse takes the "--" of ``--seconds=--`` for the end of options and hands the flag no value at all
+        # (a TypeError later); no flag of memkit takes "--" for a value
+        for token in sys.argv[1:] if args is None else args:
+            if token == "--":
+                break
+            flag, sep, value = token.partition("=")
+            if sep and value == "--" and flag.startswith("-"):
+                self.error(f"argument {flag}: expected a value, got '--'")
+        return super().parse_known_args(args, namespace)
 
 
 def positive_int(text: str) -> int:

@@ -191,7 +191,7 @@ def plan_generate(args) -> Plan:
         raise ConfigError(f"--memory: unknown memory {settings['memory']!r}; known: {', '.join(list_memories())}")
     if settings["dtype"] is None:
         settings["dtype"] = "bfloat16" if device.type == "cuda" else "float32"
-    run = _read_run(settings, resume) if settings["from_run"] else None
+    run = _read_run(settings, resume, saving=bool(args.save_state)) if settings["from_run"] else None
     if run is not None and resume is None:
         _settings_from_run(settings, given, run)
     weights = None
@@ -277,21 +277,15 @@ def _settings_from_weights(settings: dict, given: dict, info: dict) -> None:
                           f"with --from-run RUN_FOLDER")
     _take_recorded(settings, given, info["config"], record, f"--memory-weights {path}", spec, "weights")
     if spec and not any(key in given for key in ("checkpoint", "size", "backbone")):
-        _backbone_from_spec(settings, spec, path)
+        _backbone_from_spec(settings, spec, f"--memory-weights {path}", "; give its place with --checkpoint")
 
 
 def _settings_from_run(settings: dict, given: dict, run) -> None:
     """A new stream with ``--from-run``: the run's backbone, memory settings, chunk frames and frame size (a memory
     flag that contradicts the run is an error; another chunk or frame size is the user's choice)."""
-    _take_recorded(settings, given, run.setup["memory"], run.setup, f"--from-run {run.checkpoint}", run.spec,
-                   "run")
-    spec = run.spec
-    checkpoint = spec.get("checkpoint")
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise ConfigError(f"--from-run {run.checkpoint} was trained on the backbone {checkpoint}, which is not here")
-    settings.update(backbone=spec.get("family", "wan"), size=spec.get("size", "tiny"),
-                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
-                    backbone_seed=int(spec.get("seed", 0)), backbone_overrides=dict(spec.get("overrides") or {}))
+    source = f"--from-run {run.checkpoint}"
+    _take_recorded(settings, given, run.setup["memory"], run.setup, source, run.spec, "run")
+    _backbone_from_spec(settings, run.spec, source)
 
 
 def _take_recorded(settings: dict, given: dict, memory: dict, record: dict, source: str, spec: dict | None,
@@ -313,12 +307,15 @@ def _take_recorded(settings: dict, given: dict, memory: dict, record: dict, sour
     settings.update({key: value for key, value in recorded.items() if key not in given})
 
 
-def _read_run(settings: dict, resume) -> object:
-    """The --from-run run, checked against the one a resumed stream was made from (by content)."""
+def _read_run(settings: dict, resume, saving: bool) -> object:
+    """The --from-run run, checked against the one a resumed stream was made from (by content). The checkpoint is
+    hashed only when a stream records it or was made from it: a whole-model checkpoint is gigabytes to read."""
     from memkit.train.runs import read_run
 
     run = read_run(settings["from_run"])
     settings["from_run"] = str(run.checkpoint.resolve())
+    if resume is None and not saving:
+        return run
     digest = _sha256(run.checkpoint)
     recorded = None if resume is None else resume.settings.get("from_run_sha256")
     if recorded and recorded != digest:
@@ -328,19 +325,21 @@ def _read_run(settings: dict, resume) -> object:
     return run
 
 
-def _backbone_from_spec(settings: dict, spec: dict, path) -> None:
-    """The backbone memkit built for training (``model.backbone``), rebuilt: its family, checkpoint, size and config
-    overrides (a pixel-space model's channels), and for random weights their seed (``--seed`` then seeds the
-    sampling alone)."""
-    checkpoint = spec.get("checkpoint")
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise ConfigError(f"--memory-weights {path} was trained on the backbone {checkpoint}, which is not here; "
-                          f"give its place with --checkpoint")
-    settings.update(backbone=spec.get("family", settings["backbone"]), size=spec.get("size", settings["size"]),
-                    checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
-                    backbone_overrides=dict(spec.get("overrides") or {}))
-    if checkpoint is None:
-        settings["backbone_seed"] = int(spec.get("seed", 0))
+def _backbone_from_spec(settings: dict, spec: dict, source: str, hint: str = "") -> None:
+    """The backbone memkit built for training (``model.backbone``), rebuilt: its family, checkpoint, size, config
+    overrides (a pixel-space model's channels) and seed (of a random init, and of the config a Wan-format file is
+    loaded into; ``--seed`` then seeds the sampling alone)."""
+    from adapters.loading import BackboneSpec
+
+    try:
+        spec = BackboneSpec(**spec)
+    except TypeError as e:  # a field this memkit does not know
+        raise ConfigError(f"{source}: its backbone {spec} is not one this memkit can build ({e})") from None
+    if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+        raise ConfigError(f"{source} was trained on the backbone {spec.checkpoint}, which is not here{hint}")
+    settings.update(backbone=spec.family, size=spec.size, backbone_seed=int(spec.seed),
+                    checkpoint=None if spec.checkpoint is None else str(Path(spec.checkpoint).resolve()),
+                    backbone_overrides=dict(spec.overrides or {}))
 
 
 def memory_config(settings: dict, saved: dict | None = None, recorded: dict | None = None):

@@ -63,6 +63,8 @@ BAD = [
     (["generate", "--seconds", "-1"], 2, "--seconds"),
     (["generate", "--seconds", "ten"], 2, "--seconds: must be a number, got 'ten'"),
     (["generate", "--seconds", "nan"], 2, "--seconds: must be finite"),
+    (["generate", "--seconds=--"], 2, "argument --seconds: expected a value, got '--'"),
+    (["bench", "speed", "--chunks=--"], 2, "argument --chunks: expected a value, got '--'"),
     ([*GENERATE, "--seconds", "1", "--total-seconds", "2"], 2, "not both"),
     (["generate", "--device", "cuda:99"], 2, "--device cuda:99"),
     (["generate", "--device", "toaster"], 2, "--device 'toaster' is not a torch device"),

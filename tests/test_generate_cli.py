@@ -1,4 +1,4 @@
-"""``memkit generate`` and ``memkit bench stream`` end to end, on CPU."""
+"""``memkit generate`` end to end, on CPU."""
 
 import pytest
 import torch
@@ -108,16 +108,6 @@ def test_generate_errors_are_clear(tmp_path, capsys):
     assert code == 2 and "multiple of 8" in text
     code, text = run(capsys, "generate", "--prompt", "a cat", *FAST)
     assert code == 2 and "needs a text encoder" in text
-
-
-def test_bench_stream_prints_time_and_state_early_and_late(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")  # the whole table on one line per memory
-    code, text = run(capsys, "bench", "stream", "--chunks", "12", "--size", "tiny", "--latent-size", "8", "8",
-                     "--quiet", "--plot", str(tmp_path / "b.png"))
-    assert code == 0, text
-    for kind in ("full", "sink_window", "hybrid_gdn"):
-        assert kind in text
-    assert "late / early" in text and (tmp_path / "b.png").stat().st_size > 0
 
 
 def _one_prompt(tmp_path):

@@ -314,6 +314,37 @@ def test_memory_weights_refuse_another_backbone_and_contradicting_flags(finished
     assert "was trained with other settings: --window-frames 6 (the weights: 3); leave these flags out" in clash.stderr
 
 
+def test_from_run_hashes_its_checkpoint_only_for_a_saved_stream_and_refuses_a_changed_one(finished_run, tmp_path,
+                                                                                           monkeypatch, capfd):
+    """The checkpoint's sha256 is recorded in a saved stream and checked on --resume; a stream that is not saved
+    does not read a (possibly gigabytes) checkpoint twice."""
+    import shutil
+
+    import memkit.generate as generate
+
+    ckpt, _ = finished_run
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "last.ckpt"
+    shutil.copy(ckpt, mine)
+    hashed = []
+    real = generate._sha256
+    monkeypatch.setattr(generate, "_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    flags = ["--no-decode", "--quiet", "--seconds", "0.5"]
+    assert main(["generate", "--from-run", str(mine), *flags]) == 0
+    assert hashed == []
+    assert main(["generate", "--from-run", str(mine), "--save-state", "s.safetensors", *flags]) == 0
+    assert hashed == ["last.ckpt"]
+    assert main(["generate", "--resume", "s.safetensors", "--save-state", "s2.safetensors", *flags]) == 0
+    checkpoint = torch.load(mine, map_location="cpu", weights_only=True)
+    name = next(k for k in checkpoint["state_dict"] if "out_gate" in k)
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1.0
+    torch.save(checkpoint, mine)
+    capfd.readouterr()
+    assert main(["generate", "--resume", "s.safetensors", *flags]) == 2
+    err = capfd.readouterr().err
+    assert f"--from-run {mine} changed since the stream was saved" in err and err.count("\n") == 1
+
+
 def test_the_journey_from_a_folder_of_videos_to_a_generated_video(tmp_path):
     """mp4 clips -> memkit train (a VideoFolder through the tiny Wan VAE) -> memkit generate with the exported
     weights alone: the trained memory, on the backbone it was trained with, changes the chunks that read it."""

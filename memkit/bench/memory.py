@@ -113,8 +113,8 @@ def timing_caveat(results: dict[str, BenchResult], bound: float = 1.3) -> str | 
             f"every chunk: these timings are noisy ({load}); rerun on an idle machine to see its flat cost")
 
 
-def plot_results(results: dict, path: str, title: str, time_label: str = "commit time per chunk (ms)") -> None:
-    """Time per chunk and state size of each result (anything with ``kind``, ``times_ms``, ``state_bytes``)."""
+def plot_results(results: dict[str, BenchResult], path: str, title: str) -> None:
+    """Time per chunk and state size of each result."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def plot_results(results: dict, path: str, title: str, time_label: str = "commit
     for r in results.values():
         ax_t.plot(r.times_ms, label=r.kind, lw=1)
         ax_m.plot([b / 2**20 for b in r.state_bytes], label=r.kind, lw=1.5)
-    ax_t.set(xlabel="chunk index", ylabel=time_label, title="time per chunk", yscale="log")
+    ax_t.set(xlabel="chunk index", ylabel="commit time per chunk (ms)", title="time per chunk", yscale="log")
     ax_m.set(xlabel="chunk index", ylabel="state size (MiB)", title="memory state size")
     ax_t.legend()
     fig.suptitle(textwrap.fill(title, 120), fontsize=10)

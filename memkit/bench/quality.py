@@ -465,7 +465,7 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
         "frame of that place at its last visit (a return shown as the model first showed it scores high), and "
         "each new place against the frame before it (a control). Cost per chunk: a free rollout of "
         f"{TIMED_CHUNKS} chunks from the first chunk that reads a global memory, median of its first and last "
-        "5.  ",
+        "5; state KiB: the stream's state (memories and held frames) at the end of that rollout.  ",
         f"Wall time: {wall_seconds / 60:.1f} min.",
         "", *lines, ""])
 

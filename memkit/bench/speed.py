@@ -1,10 +1,11 @@
 """``memkit bench speed``: the chunk loop's speed on the Wan2.1-1.3B shape, every memory variant side by side in
-one run, against the cost model of :mod:`memkit.bench.costs`.
+one run, against the cost model of :mod:`memkit.bench.costs`; ``memkit bench stream`` is the same benchmark with
+the defaults of a CPU (:data:`PRESETS`).
 
 Per variant (random weights; 4 denoising reads + 1 commit per chunk; the fast path, compiled on CUDA):
 the fast path against the reference path on the first chunks (relative error per chunk), the steady-state video
-FPS of the DiT alone and end to end with the VAE, latency and peak memory at the probe chunks, the share of a
-chunk spent in the memory's own operations, and the fraction of the roofline reached.
+FPS of the DiT alone and end to end with the VAE, latency, state size and peak memory at the probe chunks, the
+share of a chunk spent in the memory's own operations, and on CUDA the fraction of the roofline reached.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ VARIANTS = {
     "hybrid_gdn": ("hybrid_gdn", 3, 6),
     "full": ("full", 0, 6),
 }
-FILES = ["speed.md", "speed.json", "speed.png"]
 
 
 @dataclass
@@ -49,15 +49,47 @@ class SpeedSetup:
     e2e_chunks: int = 20
     check_chunks: int = 2
     max_seconds: float | None = None  # per variant; `full` stops here (or at out of memory)
-    full_max_seconds: float = 90.0
+    full_max_seconds: float | None = 90.0
+    # the local memory of every variant when set (``window`` has no sink; ``full`` keeps every frame)
+    sink_frames: int | None = None
+    window_frames: int | None = None
     seed: int = 0
 
     def __post_init__(self):
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        from memkit.memory import list_memories
+
+        known = [*VARIANTS, *(k for k in list_memories() if k not in VARIANTS)]
+        unknown = [v for v in self.variants if v not in known]
         if unknown:
-            raise ConfigError(f"bench speed: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+            raise ConfigError(f"bench: unknown variants {unknown}; choose from {', '.join(known)}")
         if not self.probes or any(p < 1 for p in self.probes) or max(self.probes) > self.chunks:
-            raise ConfigError(f"bench speed: probes {list(self.probes)} must lie in 1..--chunks ({self.chunks})")
+            raise ConfigError(f"bench: probes {list(self.probes)} must lie in 1..--chunks ({self.chunks})")
+
+    def memory(self, name: str) -> tuple[str, int, int]:
+        """(memory kind, sink frames, window frames) of a variant: its preset in :data:`VARIANTS` (a registered
+        kind without one: sink 3 + window 6), with ``sink_frames`` / ``window_frames`` when set."""
+        kind, sink, window = VARIANTS.get(name, (name, 3, 6))
+        return (kind, sink if self.sink_frames is None else self.sink_frames,
+                window if self.window_frames is None else self.window_frames)
+
+
+#: The benchmark's two faces. ``speed``: the 1.3B shape on a GPU, compiled, with the VAE. ``stream``: a small Wan on a
+#: CPU over a long stream, eager and without the VAE, the bounded memories against ``full`` (which runs to the end).
+PRESETS = {
+    "speed": SpeedSetup(),
+    "stream": SpeedSetup(size="small", latent_size=(16, 16), chunks=200, probes=(10, 200),
+                         variants=("full", "sink_window", "hybrid_gdn"), device="cpu", dtype="float32",
+                         compile=False, vae=False, full_max_seconds=None),
+}
+
+
+def report_files(name: str) -> list[str]:
+    return [f"{name}.md", f"{name}.json", f"{name}.png"]
+
+
+def default_probes(preset: SpeedSetup, chunks: int) -> tuple[int, ...]:
+    """A preset's probes that fall inside a stream of ``chunks``, and its last chunk."""
+    return tuple(sorted({p for p in preset.probes if p < chunks} | {chunks}))
 
 
 @dataclass
@@ -67,6 +99,7 @@ class VariantResult:
     sink_frames: int
     window_frames: int
     times_ms: list[float] = field(default_factory=list)
+    state_bytes: list[int] = field(default_factory=list)  # per chunk: memories and held latents after it
     peak_gib: dict[int, float] = field(default_factory=dict)   # chunk -> peak GPU memory of that chunk
     check_rel_err: dict[str, list[float]] = field(default_factory=dict)  # "eager" / "compiled" -> per chunk
     e2e_ms: float | None = None      # median ms per chunk with the VAE decode
@@ -123,19 +156,21 @@ def _bench_variant(name, model, prompt, vae, setup: SpeedSetup, device, dtype, p
     import memkit
     from memkit.rollout import StreamingGenerator
 
-    kind, sink, window = VARIANTS[name]
+    kind, sink, window = setup.memory(name)
     cfg = memkit.MemoryConfig(kind=kind, sink_frames=sink, window_frames=window,
                               horizon_frames=setup.chunks * setup.chunk_frames)
-    r = VariantResult(name, kind, sink, window)
     h = adapters.inject(model, cfg, chunk_frames=setup.chunk_frames, latent_size=tuple(setup.latent_size))
+    mem = h.memories[0]  # what the kind makes of the config (``window`` drops the sink, ``full`` the window)
+    r = VariantResult(name, kind, mem.sink_frames, mem.window_frames)
     try:
-        r.costs = chunk_costs(model.config, tuple(setup.latent_size), setup.chunk_frames, sink, window,
-                              kind, text_tokens=prompt.shape[1], dtype_bytes=prompt.element_size(),
-                              at_chunk=min(setup.probes))
+        r.costs = chunk_costs(model.config, tuple(setup.latent_size), setup.chunk_frames, mem.sink_frames,
+                              mem.window_frames or 0, kind, text_tokens=prompt.shape[1],
+                              dtype_bytes=prompt.element_size(), at_chunk=min(setup.probes))
         r.check_rel_err = check_fast_path(h, prompt, setup)
         if setup.compile:
             h.compile()
-        limit = setup.max_seconds if kind != "full" else min(setup.max_seconds or 1e18, setup.full_max_seconds)
+        limits = [setup.max_seconds] + ([setup.full_max_seconds] if kind == "full" else [])
+        limit = min((x for x in limits if x is not None), default=None)
         _time_stream(r, StreamingGenerator(h, prompt, seed=setup.seed, progress=False), setup, device, limit,
                      progress)
         if vae is not None:
@@ -210,6 +245,7 @@ def _time_stream(r: VariantResult, gen, setup: SpeedSetup, device, limit: float 
                 _sync(device)
                 elapsed = time.perf_counter() - t0
             r.times_ms.append(1e3 * elapsed)
+            r.state_bytes.append(gen.memory_nbytes)
             spent += elapsed
             bar.update()
             if limit is not None and spent > limit and i < setup.chunks:
@@ -326,11 +362,14 @@ def summary_rows(results: dict[str, VariantResult], setup: SpeedSetup) -> list[d
         last, first = r.latency(max(setup.probes)), r.latency(min(setup.probes))
         row["last/first"] = None if last is None or first is None else last / first
         for p in setup.probes:
+            row[f"state MiB@{p}"] = r.state_bytes[p - 1] / 2**20 if len(r.state_bytes) >= p else None
+        for p in setup.probes:
             row[f"GiB@{p}"] = r.peak_gib.get(p)
         row["mem ops %"] = None if r.memory_ms is None or not steady else 100 * r.memory_ms / steady
         row["attn %"] = None if r.attention_ms is None or not steady else 100 * r.attention_ms / steady
-        ideal = r.costs.get("roofline_ms")
-        row["roofline"] = None if ideal is None or not steady else ideal / steady
+        ideal = r.costs.get("roofline_ms")  # at an H100's ceilings: no measure of a CPU
+        row["roofline"] = None if ideal is None or not steady or not setup.device.startswith("cuda") \
+            else ideal / steady
         worst = max((e for errs in r.check_rel_err.values() for e in errs), default=None)
         row["fast-ref err"] = worst
         row["note"] = r.stopped or ""
@@ -348,16 +387,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def results_markdown(results, setup: SpeedSetup, command: str, device_name: str) -> str:
+def shown_columns(rows: list[dict]) -> list[str]:
+    """The summary's columns with something to say: none that is empty in every row (no VAE, no GPU)."""
+    return [c for c in rows[0] if any(row[c] not in (None, "") for row in rows)]
+
+
+def results_markdown(results, setup: SpeedSetup, command: str, device_name: str, name: str = "speed") -> str:
     rows = summary_rows(results, setup)
-    cols = list(rows[0])
-    lines = ["# memkit bench speed", "", f"`{command}`", "",
+    cols = shown_columns(rows)
+    lines = [f"# memkit bench {name}", "", f"`{command}`", "",
              f"{device_name}; Wan {setup.size} shape (random weights), {setup.dtype}, latents "
              f"{setup.latent_size[0]}x{setup.latent_size[1]}, {setup.chunk_frames} latent frames per chunk, "
-             f"4 denoising reads + 1 commit per chunk, {'compiled' if setup.compile else 'eager'} blocks.", "",
+             f"4 denoising reads + 1 commit per chunk, {'compiled' if setup.compile else 'eager'} blocks"
+             f"{'' if setup.vae else ', no VAE'}. State: the memories and held latents after the chunk.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in rows]
-    lines += ["", "Costs per chunk (model of memkit.bench.costs):", "",
+    lines += ["", "Costs per chunk (model of memkit.bench.costs; the roofline at an H100's ceilings):", "",
               "| variant | keys (frames) | matmul GFLOP | attention GFLOP | MB moved | roofline ms |",
               "|---|---|---|---|---|---|"]
     for r in results.values():
@@ -367,7 +412,8 @@ def results_markdown(results, setup: SpeedSetup, command: str, device_name: str)
     return "\n".join(lines) + "\n"
 
 
-def write_report(results, setup: SpeedSetup, out_dir, command: str, device_name: str) -> list[Path]:
+def write_report(results, setup: SpeedSetup, out_dir, command: str, device_name: str,
+                 name: str = "speed") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,18 +423,22 @@ def write_report(results, setup: SpeedSetup, out_dir, command: str, device_name:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in FILES]
+    paths = [out / f for f in report_files(name)]
     with atomic_output(paths[0]) as tmp:
-        tmp.write_text(results_markdown(results, setup, command, device_name))
+        tmp.write_text(results_markdown(results, setup, command, device_name, name))
     with atomic_output(paths[1]) as tmp:
         tmp.write_text(json.dumps({"setup": asdict(setup), "device": device_name, "command": command,
                                    "summary": summary_rows(results, setup),
                                    "results": {k: asdict(r) for k, r in results.items()}}, indent=1))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results.values():
-        ax.plot(range(1, len(r.times_ms) + 1), r.times_ms, label=r.name, lw=1)
-    ax.set(xlabel="chunk", ylabel="ms per chunk (DiT)", yscale="log", title="time per chunk as the stream goes on")
-    ax.legend()
+        chunks = range(1, len(r.times_ms) + 1)
+        ax_t.plot(chunks, r.times_ms, label=r.name, lw=1)
+        ax_m.plot(chunks, [b / 2**20 for b in r.state_bytes], label=r.name, lw=1.5)
+    ax_t.set(xlabel="chunk", ylabel="ms per chunk (DiT)", yscale="log", title="time per chunk as the stream goes on")
+    ax_m.set(xlabel="chunk", ylabel="MiB", title="state: memories and held latents")
+    ax_t.legend()
+    fig.suptitle(f"memkit bench {name}: {device_name}, Wan {setup.size}, {setup.dtype}", fontsize=10)
     fig.tight_layout()
     with atomic_output(paths[2]) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -396,34 +446,63 @@ def write_report(results, setup: SpeedSetup, out_dir, command: str, device_name:
     return paths
 
 
-def add_speed_parser(bsub) -> None:
+def _print_wide(console, table, width: int = 200) -> None:
+    """A log file gets the whole table, a line per variant (a terminal folds what does not fit its width)."""
+    narrow = console.width
+    console.width = max(narrow, width)
+    try:
+        console.print(table)
+    finally:
+        console.width = narrow
+
+
+def add_speed_parsers(bsub) -> None:
+    """``bench speed`` and ``bench stream``: one benchmark, the flags of one, the defaults of its preset."""
+    _add_parser(bsub, "speed", "the chunk loop on the Wan2.1-1.3B shape on a GPU: window 18, sink_window 3+6, "
+                               "hybrid_gdn 3+6 and full side by side (FPS, latency, state, peak memory, roofline)")
+    _add_parser(bsub, "stream", "bench speed's CPU preset: a small Wan over 200 chunks, full against sink_window "
+                                "and hybrid_gdn (time per chunk and state, early and late)")
+
+
+def _add_parser(bsub, name: str, help: str) -> None:
     from memkit.cli_args import nonnegative_int, positive_int
 
-    d = SpeedSetup()
-    s = bsub.add_parser("speed", help="the chunk loop on the Wan2.1-1.3B shape: window 18, sink_window 3+6, "
-                                      "hybrid_gdn 3+6 and full side by side (FPS, latency, peak memory, roofline)")
-    s.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS))
+    d = PRESETS[name]
+    s = bsub.add_parser(name, help=help, description=help)
+    s.add_argument("--variants", nargs="+", default=list(d.variants), metavar="VARIANT",
+                   help=f"presets {', '.join(VARIANTS)} or any memory kind ({' '.join(d.variants)})")
     s.add_argument("--size", default=d.size, help=f"Wan config: tiny, small or 1.3B ({d.size})")
-    s.add_argument("--latent-size", type=positive_int, nargs=2, default=list(d.latent_size), metavar=("H", "W"))
+    s.add_argument("--latent-size", type=positive_int, nargs=2, default=list(d.latent_size), metavar=("H", "W"),
+                   help=f"latent frame size; 832x480 video: 60 104 ({d.latent_size[0]} {d.latent_size[1]})")
     s.add_argument("--chunk-frames", type=positive_int, default=d.chunk_frames)
+    s.add_argument("--sink-frames", type=nonnegative_int, default=None,
+                   help="sink frames of every variant (default: each variant's preset)")
+    s.add_argument("--window-frames", type=positive_int, default=None,
+                   help="window frames of every variant (default: each variant's preset)")
     s.add_argument("--chunks", type=positive_int, default=d.chunks, help=f"chunks streamed per variant ({d.chunks})")
-    s.add_argument("--probes", type=positive_int, nargs="+", default=list(d.probes),
-                   help="chunks whose latency and peak memory are reported (10 100 800)")
+    s.add_argument("--probes", type=positive_int, nargs="+", default=None,
+                   help="chunks whose latency, state and peak memory are reported (default: "
+                        f"{' '.join(map(str, d.probes))} within --chunks, and the last)")
     s.add_argument("--e2e-chunks", type=positive_int, default=d.e2e_chunks, help="chunks timed with the VAE")
     s.add_argument("--check-chunks", type=nonnegative_int, default=d.check_chunks,
                    help="chunks compared between the fast and the reference path")
     s.add_argument("--max-seconds", type=float, default=None, help="stop a variant after this many seconds")
     s.add_argument("--full-max-seconds", type=float, default=d.full_max_seconds,
-                   help=f"stop the unbounded 'full' cache after this many seconds ({d.full_max_seconds:g})")
+                   help="stop the unbounded 'full' cache after this many seconds "
+                        f"({'no limit' if d.full_max_seconds is None else f'{d.full_max_seconds:g}'})")
     s.add_argument("--no-compile", action="store_true", help="eager blocks (default: compiled on CUDA)")
-    s.add_argument("--no-vae", action="store_true", help="skip the end-to-end timing with the VAE")
-    s.add_argument("--device", default="cuda", help="default: cuda")
+    if d.vae:
+        s.add_argument("--no-vae", action="store_true", help="skip the end-to-end timing with the VAE")
+    else:
+        s.add_argument("--vae", action="store_true", help="also time the chunk loop end to end with the VAE")
+    s.add_argument("--device", default=d.device, help=f"default: {d.device}")
     s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=d.dtype)
     s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    s.add_argument("--out", default="docs/results", help="folder for speed.md/.json/.png (default: docs/results)")
+    s.add_argument("--out", default="docs/results",
+                   help=f"folder for {', '.join(report_files(name))} (default: docs/results)")
     s.add_argument("--overwrite", action="store_true", help="replace existing report files")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.set_defaults(fn=run_speed_command)
+    s.set_defaults(fn=run_speed_command, report=name)
 
 
 def run_speed_command(args, console) -> int:
@@ -435,26 +514,33 @@ def run_speed_command(args, console) -> int:
     from memkit.cli_args import checked_device
     from memkit.outputs import check_output_folder
 
+    name, preset = args.report, PRESETS[args.report]
     device = checked_device(args.device)
-    check_output_folder(args.out, "--out", FILES, overwrite=args.overwrite)
+    files = report_files(name)
+    vae = not args.no_vae if preset.vae else args.vae
+    setup = SpeedSetup(size=args.size, latent_size=tuple(args.latent_size), chunk_frames=args.chunk_frames,
+                       chunks=args.chunks, probes=tuple(args.probes or default_probes(preset, args.chunks)),
+                       variants=tuple(args.variants), device=str(device), dtype=args.dtype,
+                       compile=not args.no_compile and device.type == "cuda", vae=vae, e2e_chunks=args.e2e_chunks,
+                       check_chunks=args.check_chunks, max_seconds=args.max_seconds,
+                       full_max_seconds=args.full_max_seconds, sink_frames=args.sink_frames,
+                       window_frames=args.window_frames)
+    check_output_folder(args.out, "--out", files, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = SpeedSetup(size=args.size, latent_size=tuple(args.latent_size), chunk_frames=args.chunk_frames,
-                       chunks=args.chunks, probes=tuple(args.probes), variants=tuple(args.variants),
-                       device=str(device), dtype=args.dtype, compile=not args.no_compile and device.type == "cuda",
-                       vae=not args.no_vae, e2e_chunks=args.e2e_chunks, check_chunks=args.check_chunks,
-                       max_seconds=args.max_seconds, full_max_seconds=args.full_max_seconds)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" \
+        else f"CPU ({torch.get_num_threads()} threads)"
     results = run_speed_bench(setup, progress=not args.quiet)
     command = "memkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
-        else "memkit bench speed"
+        else f"memkit bench {name}"
     rows = summary_rows(results, setup)
-    table = Table(title=f"memkit bench speed: {name}, Wan {setup.size}, {setup.dtype}")
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("variant", "note") else "right")
+    table = Table(title=f"memkit bench {name}: {device_name}, Wan {setup.size}, {setup.dtype}")
+    cols = shown_columns(rows)
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("variant", "note") else "right", overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(v) for v in row.values()))
-    console.print(table)
-    for path in write_report(results, setup, args.out, command, name):
+        table.add_row(*(_fmt(row[c]) for c in cols))
+    console.print(table) if console.is_terminal else _print_wide(console, table)
+    for path in write_report(results, setup, args.out, command, device_name, name):
         console.print(f"wrote {path}")
     return 0
