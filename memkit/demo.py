@@ -100,7 +100,7 @@ def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps:
     """Play a held-out world with the shipped models; write the side-by-side video and the PSNR plot."""
     from dataclasses import fields
 
-    from memkit.bench.quality import QualitySetup, frame_psnr
+    from memkit.bench.quality import QualitySetup, frame_means, frame_psnr, self_psnr
     from memkit.rollout.video import VideoWriter
     from memkit.rollout.world import WorldModel
 
@@ -127,8 +127,17 @@ def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps:
                                 progress=chunk_lines(console, f"  {label}", frames // F))
             videos[label], psnr[label] = out.video, frame_psnr(out.video, truth)
             values = psnr[label]
-            console.print(f"  {label}: PSNR on returns {values[labels['revisit']].mean():.2f} dB, on new places "
-                          f"{values[labels['new']][F:].mean():.2f} dB", markup=False)
+            colours = frame_means(out.video)
+            if past == "true past":
+                colour, against = frame_psnr(colours, frame_means(truth)), "the truth's"
+            else:  # a free rollout's colours are its own: are the returns the colours it showed before?
+                colour = torch.cat([torch.full((F,), float("nan")), self_psnr(colours, labels["last_seen"], F)])
+                against = "its own last showing's"
+            returns, new = labels["revisit"], labels["new"].clone()
+            new[:F] = False  # the first chunk is given, not generated
+            console.print(f"  {label}: PSNR on returns {values[returns].mean():.2f} dB, on new places "
+                          f"{values[new].mean():.2f} dB; mean colour against {against}: returns "
+                          f"{colour[returns].mean():.2f} dB, new places {colour[new].mean():.2f} dB", markup=False)
     order = [f"{name}, true past" for name in models] + [f"{name}, free" for name in models]
     panels = {"ground truth": truth, **{label: videos[label] for label in order}}
     captions = [f"place {int(places[t])}: " + ("back, it left the local memory" if labels["revisit"][t] else

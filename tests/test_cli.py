@@ -55,6 +55,7 @@ def test_demo_runs_and_writes_its_plots_and_the_world_video(tmp_path):
     out = " ".join(proc.stdout.split())
     assert f"video written to {tmp_path / 'world.mp4'}" in out and "PSNR plot written to" in out
     assert "hybrid_gdn, true past: PSNR on returns" in out and "sink_window, free: PSNR on returns" in out
+    assert "mean colour against the truth's: returns" in out and "mean colour against its own last showing's" in out
     from memkit.rollout.video import read_video
 
     video, fps = read_video(tmp_path / "world.mp4")

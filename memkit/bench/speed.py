@@ -97,7 +97,7 @@ class VariantResult:
     name: str
     kind: str
     sink_frames: int
-    window_frames: int
+    window_frames: int | None  # None: `full` keeps every frame
     times_ms: list[float] = field(default_factory=list)
     state_bytes: list[int] = field(default_factory=list)  # per chunk: memories and held latents after it
     peak_gib: dict[int, float] = field(default_factory=dict)   # chunk -> peak GPU memory of that chunk
