@@ -265,10 +265,11 @@ def test_gap_closed_and_its_spread_over_worlds_against_hand_computed_values():
 
 def test_quality_bench_on_the_camera_world(tmp_path):
     out = tmp_path / "camera"
-    assert main(["bench", "quality", "--quick", "--world", "camera", "--steps", "1", "--variants", "full",
-                 "sink_window", "--out", str(out)]) == 0
+    assert main(["bench", "quality", "--quick", "--world", "camera", "--steps", "1", "--head-dim", "12", "--variants",
+                 "full", "sink_window", "--out", str(out)]) == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["setup"]["world_kind"] == "camera" and set(report["results"]) == {"full", "sink_window"}
+    assert report["setup"]["head_dim"] == 12  # quick_setup has 8
     header, rule, *rows = [line for line in (out / "quality.md").read_text().splitlines() if line.startswith("|")]
     assert "each true frame's mean colour (no model)" in rows[-1]  # the model-free baseline's row
     assert all(line.count("|") == header.count("|") for line in [rule, *rows])

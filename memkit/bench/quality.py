@@ -623,6 +623,9 @@ def add_quality_parser(bsub) -> None:
     q.add_argument("--batch", type=positive_int, help=f"clips per step ({d.batch})")
     q.add_argument("--clip-frames", type=positive_int, help=f"frames per training clip ({d.clip_frames})")
     q.add_argument("--lr", type=positive_float, help=f"learning rate ({d.lr})")
+    q.add_argument("--head-dim", type=positive_int,
+                   help=f"channels per attention head ({d.head_dim}); the token width is {d.heads} heads x this, and "
+                        f"above a patch's {3 * d.patch ** 2} pixel values (64) the models sample clean frames")
     q.add_argument("--eval-videos", type=positive_int, help=f"held-out worlds ({d.eval_videos})")
     q.add_argument("--eval-frames", type=positive_int, help=f"frames per held-out rollout ({d.eval_frames})")
     q.add_argument("--seed", type=nonnegative_int, help=f"seed of weights, data and sampling ({d.seed})")
@@ -645,7 +648,7 @@ def run_quality_command(args, console) -> int:
     from memkit.outputs import check_output_folder
 
     flags = dict(steps=args.steps, batch=args.batch, clip_frames=args.clip_frames, lr=args.lr,
-                 eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
+                 head_dim=args.head_dim, eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
     if args.from_models is not None:
         training = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in EVAL_FIELDS]
         if training or args.quick or args.export:
