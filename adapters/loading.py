@@ -54,6 +54,13 @@ class BackboneSpec:
         return asdict(self)
 
 
+def is_pixel_space(overrides: dict | None) -> bool:
+    """Config overrides that make a backbone take and make RGB frames (3 channels in and out) instead of VAE
+    latents: a pixel-space model, as ``memkit train`` and ``memkit bench quality`` build them."""
+    overrides = overrides or {}
+    return overrides.get("in_channels") == 3 and overrides.get("out_channels", 3) == 3
+
+
 @dataclass
 class LoadedBackbone:
     model: nn.Module
@@ -97,4 +104,5 @@ def _is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "transformer").is_dir() or (path / "config.json").is_file())
 
 
-__all__ = ["BackboneSpec", "LoadedBackbone", "load_backbone", "backbone_identity", "model_class", "DTYPES"]
+__all__ = ["BackboneSpec", "LoadedBackbone", "load_backbone", "is_pixel_space", "backbone_identity", "model_class",
+           "DTYPES"]

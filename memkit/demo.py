@@ -98,16 +98,13 @@ def check_world_models() -> None:
 def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps: int = 4,
                    world_seed: int = 20_000) -> None:
     """Play a held-out world with the shipped models; write the side-by-side video and the PSNR plot."""
-    from dataclasses import fields
-
     from memkit.bench.quality import QualitySetup, frame_means, frame_psnr, self_psnr
     from memkit.rollout.video import VideoWriter
     from memkit.rollout.world import WorldModel
 
     models = {name: WorldModel.load(str(asset(file))) for name, file in WORLD_MODELS.items()}
     trained = next(iter(models.values())).meta["training"]
-    known = {f.name for f in fields(QualitySetup)}
-    setup = QualitySetup(**{k: v for k, v in trained["setup"].items() if k in known})
+    setup = QualitySetup.from_record(trained["setup"])
     F = setup.chunk_frames
     frames = F * (1 + loops * setup.loop_places)  # the start place, then the loop `loops` times
     world = setup.world(1, frames, world_seed)

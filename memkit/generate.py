@@ -91,7 +91,9 @@ class Plan:
 def pixel_space(settings: dict) -> bool:
     """A backbone that takes and makes RGB frames (3 channels, a pixel-space model trained by memkit train): no
     VAE; its frames are the video, one per latent frame, at the latent size."""
-    return (settings.get("backbone_overrides") or {}).get("in_channels") == 3
+    from adapters.loading import is_pixel_space
+
+    return is_pixel_space(settings.get("backbone_overrides"))
 
 
 def _pixels_per_latent(settings: dict) -> int:

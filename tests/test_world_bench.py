@@ -199,13 +199,10 @@ REVISIT_COLOUR_DB, NEW_COLOUR_DB = 6.0, 3.0
 
 
 def test_the_shipped_hybrid_shows_a_place_that_left_its_local_memory_as_it_was_and_sink_window_does_not():
-    from dataclasses import fields
-
     from memkit.bench.quality import frame_means, frame_psnr
 
     models = {name: WorldModel.load(str(asset(file))) for name, file in WORLD_MODELS.items()}
-    known = {f.name for f in fields(QualitySetup)}
-    setup = QualitySetup(**{k: v for k, v in models["hybrid_gdn"].meta["training"]["setup"].items() if k in known})
+    setup = QualitySetup.from_record(models["hybrid_gdn"].meta["training"]["setup"])
     F, frames = setup.chunk_frames, setup.eval_frames
     worlds = setup.world(2, frames, 30_000)
     scores = {name: {"revisit": [], "new": [], "revisit colour": [], "new colour": []} for name in models}

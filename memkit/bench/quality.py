@@ -92,6 +92,12 @@ class QualitySetup:
         return WorldVideos(count=count, frames=frames, seed=seed, view_cells=self.view_cells,
                            world_cells=self.world_cells, objects=self.objects, action_frames=self.chunk_frames)
 
+    @classmethod
+    def from_record(cls, record: dict) -> QualitySetup:
+        """The setup a model's file recorded (``training.setup``), fields of other memkit versions left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
     @property
     def prompts(self) -> str:
         """What the models' prompt ids name (``WorldModel``'s ``prompts``)."""
@@ -403,9 +409,7 @@ def saved_setup(folder: str, variants) -> QualitySetup:
     path = Path(folder) / f"world_{variants[0]}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--from-models {folder}: no {path.name} in it (written by --export)")
-    saved = _training_setup(io.read_meta(path, "world model"), path)
-    known = {f.name for f in fields(QualitySetup)}
-    return QualitySetup(**{k: v for k, v in saved.items() if k in known})
+    return QualitySetup.from_record(_training_setup(io.read_meta(path, "world model"), path))
 
 
 def _training_setup(meta: dict, path) -> dict:
@@ -474,8 +478,9 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
             f"{_db(r.psnr_self_colour.get('new'))} | {r.chunk_ms['early']:.1f} | "
             f"{r.chunk_ms['late']:.1f} | {r.state_bytes / 1024:.0f} | {r.train_seconds:.0f} | {r.final_loss:.3f} |")
     if baseline:
-        lines.append(f"| each true frame's mean colour (no model) | {baseline['revisit']:.2f} | "
-                     f"{baseline['new']:.2f} | {baseline['all']:.2f} | | | | | | | | | | | | | | | | | |")
+        cells = ["each true frame's mean colour (no model)", *(f"{baseline[n]:.2f}" for n in ("revisit", "new", "all"))]
+        columns = lines[0].count("|") - 1
+        lines.append("| " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
     budget = (f"{setup.steps} steps x batch {setup.batch} clips of {setup.clip_frames} frames "
               f"({setup.frame_size}x{setup.frame_size} px, {setup.layers} layers, "
               f"{setup.heads}x{setup.head_dim} heads)")

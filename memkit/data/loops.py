@@ -56,11 +56,6 @@ class LoopVideos(RenderedSource):
         # Per-frame prompts change only between shots: crops start on a shot (see ClipDataModule).
         self.action_frames = self.crop_step = self.shot_frames
 
-    @property
-    def prompts(self) -> str:
-        """What a model trained on these videos takes as prompts (``WorldModel``'s ``prompts``)."""
-        return f"places:{self.places}"
-
     def prompt_table(self, text_dim: int, tokens: int) -> torch.Tensor:
         return place_embeddings(text_dim, tokens, self.places)
 

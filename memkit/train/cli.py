@@ -148,11 +148,9 @@ def check_checkpoint_file(path, flag: str = "--resume") -> None:
     from memkit.state.io import looks_like_safetensors
 
     what = ": it is a safetensors file (memory weights, or a stream state?)" if looks_like_safetensors(path) else ""
+    folder = ", or its run folder" if flag == "--from-run" else ""
     raise ConfigError(f"{flag} {path} is not a Lightning checkpoint{what}; {flag} takes a .ckpt that memkit "
-                      f"train wrote, or its run folder (memory weights go to memkit generate --memory-weights)"
-                      if flag == "--from-run" else
-                      f"{flag} {path} is not a Lightning checkpoint{what}; {flag} takes a .ckpt that memkit "
-                      f"train wrote (memory weights go to memkit generate --memory-weights)")
+                      f"train wrote{folder} (memory weights go to memkit generate --memory-weights)")
 
 
 def load_checkpoint(module, path) -> int:

@@ -32,8 +32,9 @@ class TrainedRun:
     @property
     def pixel_space(self) -> bool:
         """The backbone takes and makes RGB frames (3 channels) instead of VAE latents."""
-        overrides = self.spec.get("overrides") or {}
-        return overrides.get("in_channels") == 3 and overrides.get("out_channels", 3) == 3
+        from adapters.loading import is_pixel_space
+
+        return is_pixel_space(self.spec.get("overrides"))
 
     def build(self, device="cpu", dtype: torch.dtype | None = None):
         """The run's backbone with its memory injected and the trained tensors loaded; returns the adapter handle.
