@@ -61,9 +61,9 @@ class InputChecks:
         fields = [("memory", "kind"), *((name, name) for name in mem.state_fields)]
         pairs = [(label, theirs.get("memory", {}).get(key), mine["memory"][key]) for label, key in fields]
         pairs += [(name, theirs.get(name), mine[name]) for name in ("chunk_frames", "latent_size")]
-        if "memory" in theirs:  # a record from before place codes wrote none
-            pairs.append(("global_position", type(mem).place_code(theirs["memory"]), type(mem).place_code(
-                mine["memory"])))
+        if "memory" in theirs:  # a record from before place (or time) codes wrote none
+            theirs_codes, mine_codes = type(mem).key_codes(theirs["memory"]), type(mem).key_codes(mine["memory"])
+            pairs += [(name, theirs_codes[name], mine_codes[name]) for name in mine_codes]
         diffs = [f"{name}: state {got}, adapter {want}" for name, got, want in pairs
                  if got is not None and _listed(got) != _listed(want)]
         if diffs:

@@ -232,6 +232,48 @@ def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_loa
         memkit.load_memory(target, tmp_path / "b1.safetensors")
 
 
+def test_weights_and_streams_with_other_time_codes_are_refused_naming_them(tmp_path):
+    """A global state whose keys carry their frame's time reads back only with the same time code: weights saved
+    with another (or, before the field existed, none) are refused, strict or not, the model untouched; so is a
+    stream recorded with another."""
+    from memkit.state import io
+
+    plain = tiny_model("wan", seed=1)
+    made = inject(plain, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, global_time="none")
+    memkit.save_memory(plain, tmp_path / "plain.safetensors")
+    tensors, meta = io.read(tmp_path / "plain.safetensors", "memory weights")
+    for layer in meta["layers"].values():  # as saved before the field existed
+        del layer["config"]["global_time"], layer["config"]["write_strength"]
+    io.write(tmp_path / "old.safetensors", tensors, meta)
+    for time in ("rope", "learned"):
+        timed = tiny_model("wan")
+        inject(timed, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, global_time=time)
+        before = {k: v.clone() for k, v in timed.state_dict().items()}
+        for path in ("plain", "old"):
+            with pytest.raises(CheckpointError, match=f"time codes 'none' in the file, '{time}' in the model; build "
+                                                      r"the memory with MemoryConfig\(global_time='none'\)"):
+                memkit.load_memory(timed, tmp_path / f"{path}.safetensors", strict=False)
+        assert all(torch.equal(before[k], v) for k, v in timed.state_dict().items())
+    target = tiny_model("wan")
+    inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)
+    memkit.load_memory(target, tmp_path / "old.safetensors")  # an old file: no time code, frame strengths
+    strong = tiny_model("wan")
+    inject(strong, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, write_strength="token")
+    with pytest.raises(CheckpointError, match="write_strength: file 'frame', model 'token'"):
+        memkit.load_memory(strong, tmp_path / "old.safetensors")
+    state = made.init_state(1)
+    state = state.replace(info={"adapter": made.describe()})
+    other = inject(tiny_model("wan"), "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3,
+                   global_time="learned")
+    with pytest.raises(StateMismatchError, match="global_time: state none, adapter learned"):
+        other.check_state(state)
+    legacy = state.replace(info={**state.info, "adapter": {**state.info["adapter"], "memory": {
+        k: v for k, v in state.info["adapter"]["memory"].items() if k != "global_time"}}})
+    with pytest.raises(StateMismatchError, match="global_time: state none, adapter learned"):
+        other.check_state(legacy)  # a record from before time codes: written without them
+    made.check_state(legacy)
+
+
 def test_a_stream_state_from_other_place_codes_is_refused_naming_them():
     made = inject(tiny_model("wan", seed=1), "hybrid_gdn", evict_aggregate="token", global_position="none")
     state = made.init_state(1)

@@ -74,6 +74,25 @@ def test_fast_path_equals_the_reference_path_in_float64(kind, aggregate, rope_mo
     rotated back from RoPE in the batched commit)."""
     _, h = injected(kind, rope_mode=rope_mode, evict_aggregate=aggregate)
     assert getattr(h.memories[0], "addressed", False) == ((kind, aggregate) in PLACE_CODED)
+    check_fast_equals_reference(h, prepares)
+
+
+TIME_CODED = [("hybrid_gdn", "frame_mean", "rope", "frame"), ("hybrid_gdn", "token", "learned", "token"),
+              ("hybrid_blockwise", "token", "learned", "token"), ("hybrid_blockwise", "frame_mean", "rope", "token")]
+
+
+@pytest.mark.parametrize("rope_mode", ["absolute", "relative"])
+@pytest.mark.parametrize("kind,aggregate,time,strength", TIME_CODED)
+def test_fast_path_equals_the_reference_path_with_time_coded_keys(kind, aggregate, time, strength, rope_mode,
+                                                                  prepares):
+    """Keys that carry their frame's stream index: the batched commit stamps the evicted frames as the reference
+    does, and each chunk's reads rotate their queries by their own frames'."""
+    _, h = injected(kind, rope_mode=rope_mode, evict_aggregate=aggregate, global_time=time, write_strength=strength)
+    assert h.memories[0].timed
+    check_fast_equals_reference(h, prepares)
+
+
+def check_fast_equals_reference(h, prepares):
     fast, fast_state = run_chunks(h)
     # one preparation per layer per chunk (the prefix piece and 5 chunks), shared by the chunk's 3 passes
     assert len(prepares) == 6 * h.num_layers

@@ -54,15 +54,22 @@ def block_of(mem, n):
 
 
 def mean_write(k, v, gates, tokens, share):
-    """One write: the mean over ``tokens`` of the raw keys, the values and each gate (then divided by ``share``,
-    the frame's writes into the same state), its key L2-normed after averaging."""
+    """One write: the mean over ``tokens`` of the raw keys, the values and each gate (then divided by
+    ``share(name)``, the frame's writes into the same state that share the gate), its key L2-normed after
+    averaging."""
     n = len(tokens)
     k_sum, v_sum = torch.zeros_like(k[:, 0]), torch.zeros_like(v[:, 0])
     g_sum = {name: torch.zeros_like(g[:, 0]) for name, g in gates.items()}
     for t in tokens:
         k_sum, v_sum = k_sum + k[:, t], v_sum + v[:, t]
         g_sum = {name: g_sum[name] + gates[name][:, t] for name in gates}
-    return l2(k_sum / n), v_sum / n, {name: g / n / share for name, g in g_sum.items()}
+    return l2(k_sum / n), v_sum / n, {name: g / n / share(name) for name, g in g_sum.items()}
+
+
+def sharing(mem, writes):
+    """``share(name)``: by how many writes a frame's gate ``name`` is divided: ``writes`` (the frame's writes into
+    one state), except the write strength beta with ``write_strength="token"``, which each write keeps whole."""
+    return lambda name: 1 if mem.cfg.write_strength == "token" and name == "beta" else writes
 
 
 def place_rotate(t, angles):
@@ -79,6 +86,22 @@ def addressed(mem):
     agg = mem.cfg.evict_aggregate
     has_place = agg == "token" or (agg == "block_mean" and mem.kind != "hybrid_blockwise")
     return mem.cfg.global_position != "none" and has_place
+
+
+def timed(mem):
+    """Whether the memory's global keys carry the stream index of their frame."""
+    return mem.cfg.global_time != "none"
+
+
+def key_angles(mem, place, frame):
+    """The angles ``(H or 1, D/2)`` a global key (or query) of ``place`` in stream frame ``frame`` is rotated by:
+    its place's phases plus ``frame`` times the time code's frequencies, each where the memory has it."""
+    angles = torch.zeros(1, mem.head_dim // 2, dtype=torch.float64)
+    if addressed(mem):
+        angles = angles + mem.global_phase.detach()[place]
+    if timed(mem):
+        angles = angles + frame * mem.global_time_freq.detach()
+    return angles
 
 
 def write_place(mem, n, block):
@@ -106,22 +129,23 @@ def frame_writes(mem, k, v, gates, frame):
         blocks.setdefault(block_of(mem, n - frame * T), []).append(n)
     if mem.kind == "hybrid_blockwise":
         if agg == "frame_mean":
-            writes = [(b, *mean_write(k, v, gates, ts, 1)) for b, ts in sorted(blocks.items())]
+            writes = [(b, *mean_write(k, v, gates, ts, sharing(mem, 1)), None) for b, ts in sorted(blocks.items())]
         else:
-            writes = [(b, l2(k[:, n]), v[:, n], {name: g[:, n] / len(ts) for name, g in gates.items()}, n - frame * T)
+            writes = [(b, l2(k[:, n]), v[:, n], {name: g[:, n] / sharing(mem, len(ts))(name)
+                                                 for name, g in gates.items()}, n - frame * T)
                       for b, ts in sorted(blocks.items()) for n in ts]
     elif agg == "token":
-        writes = [(0, l2(k[:, n]), v[:, n], {name: g[:, n] / T for name, g in gates.items()}, n - frame * T)
-                  for n in tokens]
+        writes = [(0, l2(k[:, n]), v[:, n], {name: g[:, n] / sharing(mem, T)(name) for name, g in gates.items()},
+                   n - frame * T) for n in tokens]
     elif agg == "frame_mean":
-        writes = [(0, *mean_write(k, v, gates, tokens, 1))]
+        writes = [(0, *mean_write(k, v, gates, tokens, sharing(mem, 1)), None)]
     else:
-        writes = [(0, *mean_write(k, v, gates, ts, len(blocks)), b) for b, ts in sorted(blocks.items())]
-    if not addressed(mem):
+        writes = [(0, *mean_write(k, v, gates, ts, sharing(mem, len(blocks))), b) for b, ts in sorted(blocks.items())]
+    if not addressed(mem) and not timed(mem):
         return [w[:4] for w in writes]
-    # the key of a write carries its place: rotated by the phases of its token (or block) in the frame
-    phases = mem.global_phase.detach()
-    return [(state, place_rotate(key, phases[place]), value, gate) for state, key, value, gate, place in writes]
+    # the key of a write carries its place (the phases of its token, or block, in the frame) and its frame's time
+    return [(state, place_rotate(key, key_angles(mem, place, frame)), value, gate)
+            for state, key, value, gate, place in writes]
 
 
 def reference_hybrid(mem, q, k, v, x, chunk_sizes, rope=None):
@@ -134,10 +158,9 @@ def reference_hybrid(mem, q, k, v, x, chunk_sizes, rope=None):
     gates = gates_of(mem, x)
     absolute = rope is not None and mem.cfg.rope_mode == "absolute"
     q_abs, k_abs = (rope(q, 0), rope(k, 0)) if absolute else (q, k)
-    q_glob, k_glob = (q, k) if addressed(mem) or not absolute else (q_abs, k_abs)
-    if addressed(mem):
-        phases = mem.global_phase.detach()
-        q_glob = torch.stack([place_rotate(q_glob[:, n], phases[read_place(mem, n % T)])
+    q_glob, k_glob = (q, k) if addressed(mem) or timed(mem) or not absolute else (q_abs, k_abs)
+    if addressed(mem) or timed(mem):
+        q_glob = torch.stack([place_rotate(q_glob[:, n], key_angles(mem, read_place(mem, n % T), n // T))
                               for n in range(q.shape[1])], dim=1)
     qn = l2(q_glob)
     out = torch.zeros_like(q)
@@ -342,3 +365,100 @@ def test_rope_place_phases_are_a_3d_ropes_spatial_angles_by_hand():
     assert "global_phase" not in blocks.state_dict()  # fixed: a function of the config, not a weight
     learned = make_memory("hybrid_gdn", head_dim=12, frame_tokens=6, frame_shape=(2, 3), evict_aggregate="token")
     assert learned.global_phase.shape == (6, 2, 6) and "global_phase" in learned.state_dict()
+
+
+TIME_CASES = [("hybrid_gdn", "token"), ("hybrid_gdn", "frame_mean"), ("hybrid_gdn", "block_mean"),
+              ("hybrid_blockwise", "token"), ("hybrid_blockwise", "frame_mean"), ("hybrid_ssd", "frame_mean")]
+
+
+@pytest.mark.parametrize("kind,aggregate", TIME_CASES)
+@pytest.mark.parametrize("time", ["rope", "learned"])
+@pytest.mark.parametrize("rope_mode", [None, "absolute", "relative"])
+def test_time_codes_follow_the_equations_in_every_rope_mode(kind, aggregate, time, rope_mode):
+    """Keys rotated by their place's phases plus their frame's stream index times the time code's frequencies,
+    queries by their own place's and frame's, each write keeping its token's write strength (not for SSD, whose
+    step is both), and (absolute RoPE with ``rope=``) the global state fed keys and queries before RoPE."""
+    strength = "frame" if kind == "hybrid_ssd" else "token"
+    mem = make_memory(kind, frame_tokens=6, frame_shape=(2, 3), sink_frames=1, window_frames=2, horizon_frames=6,
+                      evict_aggregate=aggregate, global_time=time, write_strength=strength,
+                      rope_mode=rope_mode or "absolute")
+    rope = None if rope_mode is None else Rope3D(mem.head_dim, 2, 3)
+    q, k, v, x = make_clip(mem, batch=2, frames=10)
+    sizes = [1, 3, 2, 3, 1]  # chunks of any length: every write and read must know its own frames
+    with torch.no_grad():
+        y, _, _ = stream(mem, q, k, v, x, sizes, rope)
+        parallel = mem.parallel(q, k, v, x, 2, rope=rope)
+        ref = reference_hybrid(mem, q, k, v, x, sizes, rope)
+        ref_parallel = reference_hybrid(mem, q, k, v, x, cover([2], 10), rope)
+    assert rel_err(y, ref) < 1e-10 and rel_err(parallel, ref_parallel) < 1e-10
+
+
+@pytest.mark.parametrize("kind,aggregate", [("hybrid_gdn", "token"), ("hybrid_gdn", "frame_mean"),
+                                            ("hybrid_blockwise", "token")])
+def test_time_codes_and_write_strengths_are_part_of_the_equations(kind, aggregate):
+    """The reference tells keys with and without times apart, and a token's whole write strength from a share of
+    its frame's (where a frame writes more than once): a memory that drops either fails the test above."""
+    outs = {}
+    for time, strength in (("none", "frame"), ("learned", "frame"), ("none", "token")):
+        mem = make_memory(kind, frame_tokens=6, frame_shape=(2, 3), sink_frames=1, window_frames=2,
+                          horizon_frames=6, evict_aggregate=aggregate, global_time=time, write_strength=strength)
+        assert mem.timed == (time != "none")
+        q, k, v, x = make_clip(mem, batch=2, frames=9)
+        with torch.no_grad():
+            outs[time, strength] = reference_hybrid(mem, q, k, v, x, cover([2], 9))
+    assert rel_err(outs["learned", "frame"], outs["none", "frame"]) > 1e-2
+    if aggregate == "token":
+        assert rel_err(outs["none", "token"], outs["none", "frame"]) > 1e-2
+    else:  # one write per frame: its share is the whole
+        assert rel_err(outs["none", "token"], outs["none", "frame"]) < 1e-12
+
+
+def test_a_time_coded_state_keeps_two_scenes_shown_at_the_same_places_apart():
+    """Two frames with the same keys at the same places (a scene, then another at the same places), written with
+    full strength and no decay: without a time code the second overwrites the first; with one, a query asking for
+    the first by its lag reads the first scene's values back."""
+    T, H, D = 4, 1, 64
+    reads = {}
+    for time in ("none", "rope"):
+        mem = make_memory("hybrid_gdn", heads=H, head_dim=D, frame_tokens=T, frame_shape=(2, 2), perturb=False,
+                          evict_aggregate="token", global_position="learned", global_time=time,
+                          write_strength="token", halflife_frames=(1e6, 1e6), horizon_frames=8)
+        with torch.no_grad():
+            mem.b_proj.bias.fill_(20.0)  # beta = 1: each write replaces what its key held
+        gen = torch.Generator().manual_seed(0)
+        keys = torch.randn(1, T, H, D, generator=gen, dtype=torch.float64)
+        first, second = (torch.randn(1, T, H, D, generator=gen, dtype=torch.float64) for _ in range(2))
+        x = torch.zeros(1, T, mem.dim, dtype=torch.float64)
+        M = mem._global_empty(1, "cpu", torch.float64)
+        for frame, values in ((5, first), (9, second)):
+            written = {"k": keys, "v": values, **mem._token_gates(x)}
+            mem._stamp_evicted(written, frame)
+            mem._global_write(M, written)
+        # a query in frame 20 that asks for frame 5 (lag 15): the key turned back by the lag's angles
+        lag = 15
+        turned = keys if time == "none" else rotate_back(keys, lag * mem.global_time_freq.detach())
+        read = mem._readout(M, turned, torch.tensor([20]) if time != "none" else None)
+        reads[time] = [F.cosine_similarity(read, v, dim=-1).mean().item() for v in (first, second)]
+    assert reads["none"][1] > 0.9 and abs(reads["none"][0]) < 0.3  # the later scene overwrote the earlier
+    assert reads["rope"][0] > 0.9 and abs(reads["rope"][1]) < 0.3   # the time code asks for the earlier one
+
+
+def rotate_back(t, angles):
+    """Channel pairs of ``t (B, N, H, D)`` rotated by ``-angles (H, D/2)``."""
+    return torch.stack([place_rotate(t[:, n], -angles) for n in range(t.shape[1])], dim=1)
+
+
+def test_time_code_frequencies_by_hand_and_what_they_are():
+    """head_dim 8: 4 channel pairs at 2, then down log-uniformly to one turn per four router horizons."""
+    mem = make_memory("hybrid_gdn", head_dim=8, global_time="rope", horizon_frames=6, perturb=False)
+    slowest = 2 * math.pi / 24
+    ratio = (slowest / 2) ** (1 / 3)
+    expected = torch.tensor([2, 2 * ratio, 2 * ratio**2, slowest], dtype=torch.float64)
+    torch.testing.assert_close(mem.global_time_freq, expected.repeat(2, 1))
+    assert "global_time_freq" not in mem.state_dict()  # fixed: a function of the config
+    learned = make_memory("hybrid_gdn", head_dim=8, global_time="learned")
+    assert "global_time_freq" in learned.state_dict()
+    with pytest.raises(ConfigError, match="write_strength='token' needs a write strength apart from the decay"):
+        make_memory("hybrid_ssd", write_strength="token")
+    with pytest.raises(ConfigError, match="global_time must be one of"):
+        memkit.MemoryConfig(global_time="yes")

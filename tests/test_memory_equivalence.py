@@ -19,6 +19,8 @@ case = st.fixed_dictionaries({
     "sink_frames": st.integers(0, 3), "window_frames": st.integers(1, 4),
     "evict_aggregate": st.sampled_from(["token", "frame_mean", "block_mean"]),
     "global_position": st.sampled_from(["none", "rope", "learned"]),
+    "global_time": st.sampled_from(["none", "rope", "learned"]),
+    "write_strength": st.sampled_from(["frame", "token"]),
     "rope": st.sampled_from([None, "absolute", "relative"]),
     "dtype": st.sampled_from([torch.float64, torch.float32]),
     "gate_scale": st.floats(0.1, 3.0), "seed": st.integers(0, 2**16),
@@ -34,7 +36,8 @@ def build(c):
         frame_shape=(c["height"], c["width"]), blocks=min(c["height"], c["width"]),
         dtype=c["dtype"], seed=c["seed"], sink_frames=c["sink_frames"], window_frames=c["window_frames"],
         evict_aggregate=aggregate, rope_mode=c["rope"] or "absolute", horizon_frames=8,
-        global_position=c["global_position"],
+        global_position=c["global_position"], global_time=c["global_time"],
+        write_strength=c["write_strength"] if c["kind"] in ("hybrid_gdn", "hybrid_blockwise") else "frame",
     )
     rope = None if c["rope"] is None else rope_for(mem, c["height"])
     q, k, v, x = make_clip(mem, c["batch"], c["frames"], c["dtype"], c["seed"])

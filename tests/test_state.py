@@ -97,6 +97,9 @@ def test_fingerprint_covers_only_what_shapes_the_state(tmp_path):
     places = {p: make_memory("hybrid_gdn", evict_aggregate="token", global_position=p).fingerprint
               for p in ("none", "rope", "learned")}
     assert len(set(places.values())) == 3  # keys with and without place codes read back differently
+    times = {t: make_memory("hybrid_gdn", global_time=t).fingerprint for t in ("none", "rope", "learned")}
+    assert times["none"] == h[0] and len(set(times.values())) == 3  # ... and with and without time codes
+    assert make_memory("hybrid_gdn", write_strength="token").fingerprint == h[0]  # how strongly, not what, it holds
     grids = [make_memory("hybrid_gdn", frame_tokens=16, frame_shape=shape, evict_aggregate="token",
                          global_position="rope").fingerprint for shape in ((4, 4), (2, 8))]
     assert grids[0] != grids[1]  # the same 16 tokens on another grid: other places

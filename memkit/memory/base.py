@@ -74,6 +74,18 @@ class Memory(nn.Module):
             return "none"
         return config.get("global_position", LEGACY["global_position"])
 
+    @classmethod
+    def time_code(cls, config: dict) -> str:
+        """The time code (``global_time``) a recorded config of this variant writes its global keys with:
+        ``"none"`` for a memory without a global state (a record from before the field: ``"none"``)."""
+        return "none"
+
+    @classmethod
+    def key_codes(cls, config: dict) -> dict[str, str]:
+        """What a recorded config's global keys carry: ``{"global_position": place code, "global_time": time
+        code}``. A state, weights or a checkpoint made with other codes means something else."""
+        return {"global_position": cls.place_code(config), "global_time": cls.time_code(config)}
+
     def extra_repr(self) -> str:
         heads = f"{self.num_heads}x{self.head_dim}"
         return f"kind={self.kind}, heads={heads}, dim={self.dim}, frame_tokens={self.frame_tokens}"

@@ -12,9 +12,11 @@ from memkit.errors import ConfigError
 ROPE_MODES = ("absolute", "relative")
 EVICT_AGGREGATES = ("token", "frame_mean", "block_mean")
 GLOBAL_POSITIONS = ("none", "rope", "learned")
+GLOBAL_TIMES = ("none", "rope", "learned")
+WRITE_STRENGTHS = ("frame", "token")
 #: What a field meant before it existed: a recorded config (a weights file, a saved model's description) that
 #: lacks the field was made with this value, which may differ from today's default.
-LEGACY = {"global_position": "none"}
+LEGACY = {"global_position": "none", "global_time": "none", "write_strength": "frame"}
 ATTENTION_BACKENDS = ("auto", "torch", "naive", "xformers")
 SCAN_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 
@@ -44,6 +46,20 @@ class MemoryConfig:
         cache holds them. With a place code the state holds keys without the
         stream's RoPE, so a lookup does not depend on when the place was seen.
         A "frame_mean" write has no place: there it changes nothing.
+    global_time: how the global state's keys carry *when* they were seen:
+        "none" (default) not at all; "rope" rotates each write's key by
+        its frame's stream index times fixed per-channel frequencies (as a
+        RoPE over time) and each reading query by its own frame's, so that
+        a query can ask for "what was here L frames ago" (two scenes shown
+        at the same places then write different keys); "learned" starts
+        from the same frequencies and learns them. Angles add to the place
+        code's.
+    write_strength: how a frame's write strength (the delta rule's beta)
+        is shared by its writes: "frame" (default) each of its ``W`` writes
+        uses ``beta / W``, so a frame writes as strongly at any resolution;
+        "token" each write uses its token's own ``beta``, so that distinct
+        keys (places, times) are each written in full. The decay stays per
+        frame in both.
     rope_mode: "absolute" caches keys rotated at their stream positions;
         "relative" rotates [sink | window | chunk] by slot on every read (needs
         ``rope=`` on read/commit/parallel; q, k then arrive un-rotated).
@@ -59,6 +75,8 @@ class MemoryConfig:
     blocks: int = 2
     halflife_frames: tuple[float, float] = (1.0, 128.0)
     global_position: str = "learned"
+    global_time: str = "none"
+    write_strength: str = "frame"
     rope_mode: str = "absolute"
     attention_backend: str = "auto"
     scan_backend: str = "auto"
@@ -89,6 +107,12 @@ class MemoryConfig:
         if self.global_position not in GLOBAL_POSITIONS:
             raise ConfigError(
                 f"MemoryConfig.global_position must be one of {GLOBAL_POSITIONS}, got {self.global_position!r}"
+            )
+        if self.global_time not in GLOBAL_TIMES:
+            raise ConfigError(f"MemoryConfig.global_time must be one of {GLOBAL_TIMES}, got {self.global_time!r}")
+        if self.write_strength not in WRITE_STRENGTHS:
+            raise ConfigError(
+                f"MemoryConfig.write_strength must be one of {WRITE_STRENGTHS}, got {self.write_strength!r}"
             )
         if self.evict_aggregate not in EVICT_AGGREGATES:
             raise ConfigError(

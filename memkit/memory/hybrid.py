@@ -15,6 +15,12 @@ there (keys that only say *what* can hold one summary per thing, not per place).
 state without the stream's RoPE (in "absolute" mode with ``rope=`` evicted keys are rotated back, and reads use
 the queries before RoPE), so a lookup does not depend on when the place was seen.
 
+Times. With ``global_time`` ("rope" or "learned") each write's key is also rotated by its frame's stream index
+times per-channel frequencies, and each reading query by its own frame's: the read of a key written ``L`` frames
+before the query depends on ``L`` alone (as RoPE makes attention relative), so a query can ask for what was at its
+place ``L`` frames ago, and two scenes shown at the same places write different keys instead of the later one
+overwriting the earlier. The angles add to the place code's.
+
 Time scales are counted in frames. An evicted frame is written as ``W`` items
 (``evict_aggregate``: its mean, ``W = 1``; one mean per spatial block; or every
 token, ``W = frame_tokens``), and every gate (log-decay, write strength, step)
@@ -61,6 +67,9 @@ class HybridMemory(LocalMemory):
     scan_kernels: tuple[str, ...] = ()
     # Parameters of the read path (the rest write the global state: gates and decays).
     read_parameters: tuple[str, ...] = ("out_gate", "norm_weight", "router_w", "router_b")
+    #: The gates that set how strongly a write lands (not how fast the state decays): with
+    #: ``write_strength="token"`` each write keeps its token's value instead of a share of its frame's.
+    strength_gates: tuple[str, ...] = ()
 
     def __init__(self, cfg, **dims):
         super().__init__(cfg, **dims)
@@ -87,6 +96,19 @@ class HybridMemory(LocalMemory):
                 self.global_phase = nn.Parameter(phases)
             else:  # fixed: a function of the config, rebuilt with the memory
                 self.register_buffer("global_phase", phases, persistent=False)
+        if self.timed:
+            if D % 2:
+                raise ConfigError(f"{self.kind}: global_time={cfg.global_time!r} rotates channel pairs and needs an "
+                                  f"even head_dim, got {D}")
+            freqs = self.initial_frequencies()
+            if cfg.global_time == "learned":
+                self.global_time_freq = nn.Parameter(freqs)
+            else:
+                self.register_buffer("global_time_freq", freqs, persistent=False)
+        if cfg.write_strength == "token" and not self.strength_gates:
+            raise ConfigError(f"{self.kind}: write_strength='token' needs a write strength apart from the decay; "
+                              f"{self.kind}'s step ({', '.join(self.gate_names)}) sets both (use hybrid_gdn or "
+                              f"hybrid_blockwise)")
 
     def _constant(self, name: str, make, device, dtype=None):
         """A constant of this memory (pooling weights, token indices; ``make()`` builds it on the CPU) on ``device``,
@@ -108,7 +130,39 @@ class HybridMemory(LocalMemory):
         extra = {"blocks": self.cfg.blocks, "frame_shape": list(self.frame_shape)} if self.spatial else {}
         if self.addressed:  # a state written with place codes reads back only with them, on the same grid
             extra.update(global_position=self.cfg.global_position, frame_shape=list(self.frame_shape))
+        if self.timed:  # ... and one written with time codes only with them
+            extra.update(global_time=self.cfg.global_time)
         return extra
+
+    @classmethod
+    def time_code(cls, config: dict) -> str:
+        from .config import LEGACY
+
+        return config.get("global_time", LEGACY["global_time"])
+
+    # -- times: what the global state's keys say about when ------------------------------------
+    @property
+    def timed(self) -> bool:
+        """Whether the global state's keys carry the stream index of their frame (``global_time``)."""
+        return self.cfg.global_time != "none"
+
+    def initial_frequencies(self) -> torch.Tensor:
+        """``(heads, head_dim // 2)`` angular frequencies (radians per frame) of the time code, log-spaced from 2
+        (neighbouring frames apart) down to a period of four router horizons (lags of minutes apart), the same
+        for every head at init."""
+        pairs = self.head_dim // 2
+        longest = 2 * math.pi / (4 * self.cfg.horizon_frames)
+        freqs = torch.logspace(math.log10(2.0), math.log10(longest), pairs) if pairs > 1 else torch.tensor([2.0])
+        return freqs.repeat(self.num_heads, 1)
+
+    def _read_frames(self, t: int, frames: int, device) -> torch.Tensor | None:
+        """The stream indices of a chunk's frames, for the time code of its reads (None: no time code)."""
+        return torch.arange(t, t + frames, device=device) if self.timed else None
+
+    def _stamp_evicted(self, evicted: dict[str, torch.Tensor], first: int) -> None:
+        if self.timed:
+            n = evicted["k"].shape[1] // self.frame_tokens
+            evicted["frames"] = torch.arange(first, first + n, device=evicted["k"].device)
 
     # -- places: what the global state's keys say about where ------------------------------------
     @classmethod
@@ -149,16 +203,25 @@ class HybridMemory(LocalMemory):
             return block_grid(self.frame_shape, self.cfg.blocks, self.kind).flatten()
         return torch.arange(self.frame_tokens)
 
-    def _address(self, t: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """Keys or queries ``t (B, n, H, D)`` rotated by the phases of ``places`` (one per item of a frame, repeated
-        over the ``n // len(places)`` frames); computed in the state dtype, returned in ``t``'s (a write's keys and
-        values share one)."""
-        phase = self.global_phase[places].to(state_dtype(t.dtype))
-        frames = t.shape[1] // len(places)
-        return rotate(t, phase.cos().repeat(frames, 1, 1), phase.sin().repeat(frames, 1, 1))
+    def _code(self, t: torch.Tensor, places: torch.Tensor | None, frames: torch.Tensor | None) -> torch.Tensor:
+        """Keys or queries ``t (B, n, H, D)``, frame-major with ``n / len(frames)`` items per frame, rotated by the
+        phases of their ``places`` (one per item of a frame; where writes carry places) plus their frame's stream
+        index in ``frames`` times the time code's frequencies (where keys carry times); computed in the state
+        dtype, returned in ``t``'s (a write's keys and values share one)."""
+        sdt = state_dtype(t.dtype)
+        angle = None
+        if self.addressed:
+            angle = self.global_phase[places].to(sdt).repeat(t.shape[1] // len(places), 1, 1)
+        if self.timed:
+            if frames is None:
+                raise ValueError(f"{self.kind}: a time-coded global write or read needs its frames' stream indices")
+            when = frames.to(sdt).repeat_interleave(t.shape[1] // len(frames))[:, None, None]
+            when = when * self.global_time_freq.to(sdt)
+            angle = when if angle is None else angle + when
+        return t if angle is None else rotate(t, angle.cos(), angle.sin())
 
     def _global_strips_rope(self, rope) -> bool:
-        return self.addressed and rope is not None and self.cfg.rope_mode == "absolute"
+        return (self.addressed or self.timed) and rope is not None and self.cfg.rope_mode == "absolute"
 
     def initial_rates(self) -> torch.Tensor:
         """Per head, the initial per-frame log-retention rate ``ln 2 / half-life`` (half-lives log-spaced over
@@ -206,18 +269,23 @@ class HybridMemory(LocalMemory):
         pos = math.log(min((t + 1) / self.cfg.horizon_frames, 1.0))
         return torch.sigmoid(self.router_w * pos + self.router_b)
 
-    def _readout(self, tensors, q: torch.Tensor) -> torch.Tensor:
-        """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames; each rotated by its
-        place's phases where writes carry places), in the state dtype."""
-        if self.addressed:
-            q = self._address(q, self._constant("read_places", self._read_places, q.device))
+    def _readout(self, tensors, q: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """The raw global read-out ``l2norm(q) M`` of tokens ``q (B, N, H, D)`` (whole frames, whose stream indices
+        are ``frames``; each rotated by its place's phases where writes carry places, and by its frame's time
+        code where keys carry times), in the state dtype."""
+        q = self._code(q, self._read_place_ids(q.device), frames)
         return read_state(tensors["global.M"], q)
 
-    def _global_read(self, tensors, q, x, t):
-        return self._global_mix(tensors, q, x, self.router(t))
+    def _read_place_ids(self, device) -> torch.Tensor | None:
+        return self._constant("read_places", self._read_places, device) if self.addressed else None
 
-    def _global_mix(self, tensors, q, x, gamma):
-        r = self._readout(tensors, q)
+    def _global_read(self, tensors, q, x, t, frames=None):
+        if frames is None:
+            frames = self._read_frames(t, q.shape[1] // self.frame_tokens, q.device)
+        return self._global_mix(tensors, q, x, self.router(t), frames)
+
+    def _global_mix(self, tensors, q, x, gamma, frames=None):
+        r = self._readout(tensors, q, frames)
         r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
         r = r.to(q.dtype) * self.norm_weight
         gate = F.silu(rearrange(self.out_gate(x), "b n (h d) -> b n h d", h=self.num_heads))
@@ -227,20 +295,27 @@ class HybridMemory(LocalMemory):
         # Until a frame leaves the window the state is all zeros and the read adds exactly zero: skip it.
         return self.router(t) if t > self.sink_frames + self.window_frames else None
 
+    def _shared(self, name: str) -> bool:
+        """Whether gate ``name`` is a frame's, shared by its writes (else each write keeps its token's)."""
+        return name not in ("k", "v") and not (self.cfg.write_strength == "token" and name in self.strength_gates)
+
     def _aggregate(self, evicted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Evicted tokens ``(B, frames * T, ...)`` -> the frames' writes ``(B, frames * W, ...)``, each gate divided by
-        ``W`` (a frame's gate is shared by its writes), each key rotated by its place's phases where writes carry
-        places."""
+        """Evicted tokens ``(B, frames * T, ...)`` (and ``"frames"``, their frames' stream indices, where keys carry
+        times) -> the frames' writes ``(B, frames * W, ...)``, each shared gate divided by ``W`` (a frame's gate is
+        shared by its writes), each key rotated by its place's phases where writes carry places and by its frame's
+        time code where keys carry times."""
         pooling, W = self._pooling, self._writes_per_frame
         out = {}
         for name, e in evicted.items():
+            if name == "frames":
+                continue
             if pooling is not None:
                 frames = e.unflatten(1, (-1, self.frame_tokens))
                 weights = self._constant("pooling", lambda: pooling, e.device, e.dtype)
                 e = torch.einsum("wt,bft...->bfw...", weights, frames).flatten(1, 2)
-            out[name] = e if name in ("k", "v") or W == 1 else e / W
-        if self.addressed:
-            out["k"] = self._address(out["k"], self._constant("write_places", self._write_places, out["k"].device))
+            out[name] = e / W if W > 1 and self._shared(name) else e
+        places = self._constant("write_places", self._write_places, out["k"].device) if self.addressed else None
+        out["k"] = self._code(out["k"], places, evicted.get("frames"))
         return out
 
     def _items(self, evicted: dict[str, torch.Tensor]):
@@ -300,7 +375,9 @@ class HybridMemory(LocalMemory):
             evicted = max(0, c0 - S - W)  # frames S .. S + evicted - 1 have left the window
             if evicted > done:
                 sl = slice((S + done) * T, (S + evicted) * T)
-                M = self._write(M, {"k": k[:, sl], "v": v[:, sl], **{n: g[:, sl] for n, g in gates.items()}})
+                payload = {"k": k[:, sl], "v": v[:, sl], **{n: g[:, sl] for n, g in gates.items()}}
+                self._stamp_evicted(payload, S + done)
+                M = self._write(M, payload)
                 done = evicted
             sl = slice(c0 * T, min(frames, c0 + chunk_frames) * T)
             outs.append(self._global_read({"global.M": M}, q[:, sl], x[:, sl], c0))

@@ -7,6 +7,10 @@ in raster order with ``"token"``), so the global memory keeps *where* things wer
 its own block. The update and the gates are those of ``hybrid_gdn``, per frame and shared by the block's writes
 of that frame. With ``"token"`` writes, ``global_position`` tells the tokens of a block apart by their place in
 the frame, as in ``hybrid_gdn``; a block's mean needs no place code (its state is its place).
+
+With ``"token"`` writes, a time code (``global_time``) and per-token write strength (``write_strength="token"``)
+this is the layout design of ``memkit bench recall --address time``: blocks of a few tokens, so that each state
+holds its block's tokens of several scenes, told apart by place and by when they were shown.
 """
 
 from __future__ import annotations
@@ -56,20 +60,23 @@ class HybridBlockwiseMemory(HybridGDNMemory):
         return {"global.M": torch.zeros(batch, n, self.num_heads, D, D, device=device, dtype=state_dtype(dtype))}
 
     def _groups(self, evicted: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Per block, its writes ``(B, n_b, ...)`` in time order, each gate divided by the block's writes per frame
-        (token keys rotated by their places' phases where ``global_position`` applies)."""
+        """Per block, its writes ``(B, n_b, ...)`` in time order, each shared gate divided by the block's writes per
+        frame (token keys rotated by their places' phases where ``global_position`` applies, and every key by its
+        frame's time code where ``global_time`` does)."""
         groups = []
-        for idx in self._constant("block_tokens", lambda: self._block_tokens, next(iter(evicted.values())).device):
+        frames = evicted.get("frames")
+        for idx in self._constant("block_tokens", lambda: self._block_tokens, evicted["k"].device):
             group = {}
             for name, e in evicted.items():
+                if name == "frames":
+                    continue
                 part = e.unflatten(1, (-1, self.frame_tokens))[:, :, idx]  # (B, frames, tokens, ...)
                 if self.cfg.evict_aggregate == "frame_mean":
                     group[name] = part.mean(dim=2)
                 else:
                     part = part.flatten(1, 2)
-                    group[name] = part if name in ("k", "v") else part / len(idx)
-            if self.addressed:
-                group["k"] = self._address(group["k"], idx)
+                    group[name] = part / len(idx) if self._shared(name) else part
+            group["k"] = self._code(group["k"], idx if self.addressed else None, frames)
             groups.append(group)
         return groups
 
@@ -82,10 +89,9 @@ class HybridBlockwiseMemory(HybridGDNMemory):
             return self._write_items(M.flatten(0, 1), stacked).unflatten(0, M.shape[:2])
         return torch.stack([self._write_items(M[:, b], g) for b, g in enumerate(groups)], dim=1)
 
-    def _readout(self, tensors, q):
+    def _readout(self, tensors, q, frames):
         M = tensors["global.M"]
-        if self.addressed:
-            q = self._address(q, self._constant("read_places", self._read_places, q.device))
+        q = self._code(q, self._read_place_ids(q.device), frames)
         qn = l2norm(q.to(M.dtype)).unflatten(1, (-1, self.frame_tokens))  # (B, frames, T, H, D)
         blocks = self._constant("block_tokens", lambda: self._block_tokens, q.device)
         parts = [torch.einsum("bfthk,bhkv->bfthv", qn[:, :, idx], M[:, b]) for b, idx in enumerate(blocks)]

@@ -26,6 +26,7 @@ from .registry import register_memory
 @register_memory("hybrid_gdn")
 class HybridGDNMemory(HybridMemory):
     gate_names = ("g", "beta")
+    strength_gates = ("beta",)
     scan_kernels = ("fla",)
     write_uses_parameters = False  # the gates were computed when the tokens entered the window
 

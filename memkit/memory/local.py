@@ -55,6 +55,8 @@ class PreparedChunk:
     # LocalMemory._global_strips_rope): the global read then uses the chunk's queries before RoPE, and
     # commit_many turns the evicted keys back. None otherwise.
     global_rope: Rope3D | None = None
+    # The stream indices of the chunk's frames where the global memory's keys carry times (None otherwise).
+    frames: torch.Tensor | None = None
 
     @property
     def held(self) -> int:
@@ -95,14 +97,16 @@ class LocalMemory(Memory):
     def _global_empty(self, batch, device, dtype) -> dict[str, torch.Tensor]:
         return {}
 
-    def _global_read(self, tensors, q, x, t: int) -> torch.Tensor | None:
+    def _global_read(self, tensors, q, x, t: int, frames: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The global memory's read for queries of whole frames after ``t`` streamed frames (``frames``: their
+        stream indices when they are not the chunk's ``t, t + 1, ...``); None where there is none."""
         return None
 
     def _global_gamma(self, tensors, t: int) -> torch.Tensor | None:
         """The router weight of a chunk's global read after ``t`` frames; None when nothing can be read yet."""
         return None
 
-    def _global_mix(self, tensors, q, x, gamma: torch.Tensor) -> torch.Tensor:
+    def _global_mix(self, tensors, q, x, gamma: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
@@ -128,6 +132,14 @@ class LocalMemory(Memory):
         (evicted frames are consecutive: the window's oldest, then the chunk's first non-sink frames)."""
         to_sink = min(frames, max(0, self.sink_frames - t))
         return t - self._counts(t)[1] + to_sink
+
+    def _read_frames(self, t: int, frames: int, device) -> torch.Tensor | None:
+        """The stream indices of a chunk's ``frames`` frames after ``t`` where the global memory reads by time."""
+        return None
+
+    def _stamp_evicted(self, evicted: dict[str, torch.Tensor], first: int) -> None:
+        """Tell evicted frames (the first is stream frame ``first``) their stream indices, where the global
+        memory writes by time."""
 
     def _unrotate_evicted(self, evicted: dict[str, torch.Tensor], rope: Rope3D, t: int, frames: int) -> None:
         """Undo the absolute RoPE of the evicted keys of a chunk of ``frames`` frames committed after ``t``."""
@@ -221,6 +233,7 @@ class LocalMemory(Memory):
         if evicted is not None:
             if self._global_strips_rope(rope):
                 self._unrotate_evicted(evicted, rope, t, q.shape[1] // T)
+            self._stamp_evicted(evicted, self._first_evicted(t, q.shape[1] // T))
             self._global_write(new_tensors, evicted)
         return y, state.replace(new_tensors, frames=t + q.shape[1] // T)
 
@@ -267,7 +280,8 @@ class LocalMemory(Memory):
                 chunk_rope = rope.tables(t, chunk_frames, keys.dtype, keys.device)
         steady = self.window_frames is None or t > self.sink_frames + self.window_frames
         return PreparedChunk(state, keys, values, chunk_frames * T, chunk_rope, self._global_gamma(tensors, t),
-                             steady, global_rope=rope if self._global_strips_rope(rope) else None)
+                             steady, global_rope=rope if self._global_strips_rope(rope) else None,
+                             frames=self._read_frames(t, chunk_frames, k_sink.device))
 
     def read_prepared(self, chunk: PreparedChunk, q, k, v, x) -> torch.Tensor:
         """What ``read(chunk.state, q, k, v, x, rope)`` returns (``chunk`` from :meth:`prepare`)."""
@@ -294,7 +308,7 @@ class LocalMemory(Memory):
         cached = (q_att, k_att) if self.cfg.rope_mode == "absolute" else (q, k)
         if chunk.gamma is not None:
             q_global = q if chunk.global_rope is not None else cached[0]
-            y = y + self._global_mix(chunk.state.tensors, q_global, x, chunk.gamma)
+            y = y + self._global_mix(chunk.state.tensors, q_global, x, chunk.gamma, chunk.frames)
         return y, cached[1]
 
     @classmethod
@@ -307,8 +321,11 @@ class LocalMemory(Memory):
                 raise StateMismatchError("commit_many: a layer's chunk was not committed (no commit pass reached it)")
             layer = dict(chunk.state.tensors)
             out = mem._push(layer, chunk.payload, chunk.state.frames)
+            frames = chunk.tokens // mem.frame_tokens
             if out is not None and chunk.global_rope is not None:
-                mem._unrotate_evicted(out, chunk.global_rope, chunk.state.frames, chunk.tokens // mem.frame_tokens)
+                mem._unrotate_evicted(out, chunk.global_rope, chunk.state.frames, frames)
+            if out is not None:
+                mem._stamp_evicted(out, mem._first_evicted(chunk.state.frames, frames))
             evicted.append(out)
             tensors.append(layer)
         if evicted[0] is not None:
@@ -338,7 +355,9 @@ class LocalMemory(Memory):
         n_sink = self._counts(t)[0] * T
         # The global state holds evicted frames: older than every window frame, newer than the sink frames.
         q_global = q_raw if self._global_strips_rope(rope) else q
-        g = self._global_read(tensors, q_global[:, n_sink:], x[:, n_sink:], t)
+        window = self.held_frames(t)[n_sink // T:]  # consecutive frames
+        window = self._read_frames(window[0], len(window), q.device) if window else None
+        g = self._global_read(tensors, q_global[:, n_sink:], x[:, n_sink:], t, window)
         if g is not None:
             y = torch.cat([y[:, :n_sink], y[:, n_sink:] + g], dim=1)
         fresh = {"k": k, "v": v, **self._token_gates(x[:, n_sink:])}

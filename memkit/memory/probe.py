@@ -35,19 +35,21 @@ def retention(memory: HybridMemory, lags: Iterable[int], *, batch: int = 2, seed
     gen = torch.Generator(device="cpu").manual_seed(seed)
     T, H, D = memory.frame_tokens, memory.num_heads, memory.head_dim
 
-    def frame() -> dict[str, torch.Tensor]:
+    def frame(index: int) -> dict[str, torch.Tensor]:
         k, v = (torch.randn(batch, T, H, D, generator=gen).to(device, dtype) for _ in range(2))
         x = torch.randn(batch, T, memory.dim, generator=gen).to(device, param.dtype)
-        return {"k": k, "v": v, **memory._token_gates(x)}
+        written = {"k": k, "v": v, **memory._token_gates(x)}
+        memory._stamp_evicted(written, index)  # the stream index of the frame, for a time code
+        return written
 
     tensors = memory._global_empty(batch, device, dtype)
-    target = frame()
+    target = frame(0)
     memory._global_write(tensors, target)
     written, out = 0, {}
     for lag in sorted(set(lags)):
         while written < lag:
-            memory._global_write(tensors, frame())
             written += 1
+            memory._global_write(tensors, frame(written))
         read, values = memory.recall(tensors, target)
         out[lag] = F.cosine_similarity(read, values, dim=-1).mean(dim=(0, 1))
     return torch.stack([out[n] for n in lags])

@@ -73,8 +73,8 @@ def _check_type(path, meta: dict) -> None:
 def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
     """Load memory weights saved by :func:`save_memory` into the memories of ``model``, in place.
 
-    The file must hold the same layers with the same kind, head/width dims and global-key place codes
-    (``global_position`` where writes have places). Other config differences
+    The file must hold the same layers with the same kind, head/width dims and global-key codes
+    (``global_position`` where writes have places, ``global_time``). Other config differences
     (sink / window sizes, horizon, RoPE mode, eviction aggregate) are an error when ``strict``, a warning
     otherwise. Everything is checked before anything is written: on error the model is unchanged.
     """
@@ -98,13 +98,14 @@ def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tru
                     f"{path} is for another memory: layer {name} has {key}={s.get(key)!r} in the file, "
                     f"{here[key]!r} in the model"
                 )
-        saved_code, code = type(m).place_code(s.get("config", {})), type(m).place_code(m.cfg.to_dict())
-        if saved_code != code:  # the global state's keys mean something else: no loading that
-            raise CheckpointError(
-                f"{path} is for another memory: layer {name} writes its global keys with place codes {saved_code!r} "
-                f"in the file, {code!r} in the model; build the memory with MemoryConfig(global_position="
-                f"{saved_code!r})"
-            )
+        saved_codes, codes = type(m).key_codes(s.get("config", {})), type(m).key_codes(m.cfg.to_dict())
+        for field, what in (("global_position", "place"), ("global_time", "time")):
+            if saved_codes[field] != codes[field]:  # the global state's keys mean something else: no loading that
+                raise CheckpointError(
+                    f"{path} is for another memory: layer {name} writes its global keys with {what} codes "
+                    f"{saved_codes[field]!r} in the file, {codes[field]!r} in the model; build the memory with "
+                    f"MemoryConfig({field}={saved_codes[field]!r})"
+                )
         diff = _config_diff(s.get("config", {}), m)
         if diff and strict:
             raise CheckpointError(f"{path} was saved with another memory config ({diff}); "
@@ -133,9 +134,9 @@ def load_memory(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tru
 def _config_diff(saved: dict, mem: Memory) -> str:
     """The config fields that differ between a file and ``mem``. A field the file lacks (saved before the field
     existed) counts as its default; ``blocks`` counts only for memories that use it, and ``global_position`` is
-    compared by :meth:`Memory.place_code` before (what it means where writes have places)."""
+    compared by :meth:`Memory.key_codes` before (what they mean where writes have places, and times)."""
     here, defaults = mem.cfg.to_dict(), MemoryConfig().to_dict()
-    skip = {*RUNTIME_FIELDS, *_INIT_FIELDS, "global_position",
+    skip = {*RUNTIME_FIELDS, *_INIT_FIELDS, "global_position", "global_time",
             *(() if getattr(mem, "spatial", False) else ("blocks",))}
     keys = [k for k in here if k not in skip and saved.get(k, defaults[k]) != here[k]]
     return ", ".join(f"{k}: file {saved.get(k, defaults[k])!r}, model {here[k]!r}" for k in keys)

@@ -170,8 +170,8 @@ class StreamState:
 #: Fields :attr:`StreamState.settings` may hold (``recipe`` entries are the caller's and may add more).
 KNOWN_SETTINGS = frozenset({
     "backbone", "backbone_class", "backbone_config_hash", "memory", "sink_frames", "window_frames", "horizon_frames",
-    "evict_aggregate", "blocks", "halflife_frames", "global_position", "rope_mode", "attention_backend", "scan_backend",
-    "check_finite",
+    "evict_aggregate", "blocks", "halflife_frames", "global_position", "global_time", "write_strength", "rope_mode",
+    "attention_backend", "scan_backend", "check_finite",
     "chunk_frames",
     "latent_size", "steps", "shift", "context_noise", "seed", "prompts", "switches", "cursor", "chunk",
 })

@@ -26,6 +26,7 @@ from adapters.loading import BackboneSpec, backbone_identity, load_backbone
 from memkit.data.datamodule import DataRequirements
 from memkit.errors import CheckpointError, ConfigError
 from memkit.memory import Memory, MemoryConfig, list_memories, load_memory
+from memkit.memory.config import LEGACY
 
 from .losses import TeacherForcing, TrainingLoss
 from .trainable import TRAINABLE, LoraOptions, add_lora, parameter_groups
@@ -306,15 +307,16 @@ class MemoryFinetune(L.LightningModule):
 def setup_differences(saved: dict, here: dict, memory_class: type[Memory]) -> list[str]:
     """``"field: checkpoint X, now Y"`` for each field of a training setup (``MemoryFinetune._identity``) that
     differs, nested fields by their dotted name (``memory.window_frames``). A memory config recorded before
-    ``global_position`` existed compares by the place code it wrote with (:meth:`Memory.place_code`)."""
+    ``global_position`` (or ``global_time``) existed compares by the codes it wrote with (:meth:`Memory.key_codes`);
+    a field recorded before it existed takes the value it meant then (:data:`memkit.memory.config.LEGACY`)."""
     out = []
     for key, now in here.items():
         if key == "spec":  # how the backbone was built; its identity is compared
             continue
         then = saved.get(key)
         if key == "memory" and isinstance(then, dict) and isinstance(now, dict):
-            then = {**then, "global_position": memory_class.place_code(then)}
-            now = {**now, "global_position": memory_class.place_code(now)}
+            then = {**LEGACY, **then, **memory_class.key_codes(then)}
+            now = {**LEGACY, **now, **memory_class.key_codes(now)}
         out += _differences(key, then, now)
     return out
 
