@@ -253,8 +253,8 @@ def grid(setup: RecallSetup, scenes) -> list[tuple[int, int]]:
 def run_recall_bench(setup: RecallSetup, settings: list[RecallSetting], *, console=None, progress: bool = False,
                      jobs: int = 1) -> dict[str, SettingResult]:
     """Every setting, each swept over ``setup.lrs`` (see :func:`run_setting`): in turn, or ``jobs`` settings at a
-    time in processes of their own (each with ``torch.get_num_threads() // jobs`` threads; the results are the
-    same, training is deterministic)."""
+    time in processes of their own (each with ``torch.get_num_threads() // jobs`` threads; each setting trains from
+    the same seed and streams as it would alone, though sums over fewer threads may round differently)."""
     if len({s.name for s in settings}) != len(settings):
         raise ConfigError("the settings list one setting twice")
     K = report_scenes(setup)
