@@ -175,17 +175,26 @@ def test_inject_checks_the_rope_table_covers_the_latent_size(family):
     adapters.remove(model)
 
 
-def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_load_strictly(tmp_path):
+def save_as_before(model, path, old_path, *fields):
+    """Save ``model``'s memory weights to ``path``, and to ``old_path`` as a memkit from before ``fields`` existed
+    would have (its layers' configs without them); return the tensors."""
     from memkit.state import io
 
+    memkit.save_memory(model, path)
+    tensors, meta = io.read(path, "memory weights")
+    for layer in meta["layers"].values():
+        for field in fields:
+            del layer["config"][field]
+    io.write(old_path, tensors, meta)
+    return tensors
+
+
+def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_load_strictly(tmp_path):
     source = tiny_model("wan", seed=1)
     inject(source, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, halflife_frames=(2.0, 50.0),
            blocks=3)  # blocks: unused by a single-state memory; half-lives: only the initial weights
-    memkit.save_memory(source, tmp_path / "m.safetensors")
-    tensors, meta = io.read(tmp_path / "m.safetensors", "memory weights")
-    for layer in meta["layers"].values():  # as saved before these fields existed
-        del layer["config"]["blocks"], layer["config"]["halflife_frames"]
-    io.write(tmp_path / "old.safetensors", tensors, meta)
+    tensors = save_as_before(source, tmp_path / "m.safetensors", tmp_path / "old.safetensors", "blocks",
+                             "halflife_frames")
     for name in ("m", "old"):
         target = tiny_model("wan")
         inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3)
@@ -195,11 +204,7 @@ def test_memory_files_differing_only_in_init_or_unused_fields_or_older_files_loa
     plain = tiny_model("wan", seed=1)
     inject(plain, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, evict_aggregate="token",
            global_position="none")
-    memkit.save_memory(plain, tmp_path / "t.safetensors")
-    tensors, meta = io.read(tmp_path / "t.safetensors", "memory weights")
-    for layer in meta["layers"].values():
-        del layer["config"]["global_position"]
-    io.write(tmp_path / "t_old.safetensors", tensors, meta)
+    save_as_before(plain, tmp_path / "t.safetensors", tmp_path / "t_old.safetensors", "global_position")
     target = tiny_model("wan")
     inject(target, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, evict_aggregate="token",
            global_position="none")
@@ -236,15 +241,10 @@ def test_weights_and_streams_with_other_time_codes_are_refused_naming_them(tmp_p
     """A global state whose keys carry their frame's time reads back only with the same time code: weights saved
     with another (or, before the field existed, none) are refused, strict or not, the model untouched; so is a
     stream recorded with another."""
-    from memkit.state import io
-
     plain = tiny_model("wan", seed=1)
     made = inject(plain, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, global_time="none")
-    memkit.save_memory(plain, tmp_path / "plain.safetensors")
-    tensors, meta = io.read(tmp_path / "plain.safetensors", "memory weights")
-    for layer in meta["layers"].values():  # as saved before the field existed
-        del layer["config"]["global_time"], layer["config"]["write_strength"]
-    io.write(tmp_path / "old.safetensors", tensors, meta)
+    save_as_before(plain, tmp_path / "plain.safetensors", tmp_path / "old.safetensors", "global_time",
+                   "write_strength")
     for time in ("rope", "learned"):
         timed = tiny_model("wan")
         inject(timed, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, global_time=time)
@@ -261,28 +261,26 @@ def test_weights_and_streams_with_other_time_codes_are_refused_naming_them(tmp_p
     inject(strong, "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3, write_strength="token")
     with pytest.raises(CheckpointError, match="write_strength: file 'frame', model 'token'"):
         memkit.load_memory(strong, tmp_path / "old.safetensors")
-    state = made.init_state(1)
-    state = state.replace(info={"adapter": made.describe()})
     other = inject(tiny_model("wan"), "hybrid_gdn", chunk_frames=3, sink_frames=1, window_frames=3,
                    global_time="learned")
-    with pytest.raises(StateMismatchError, match="global_time: state none, adapter learned"):
-        other.check_state(state)
-    legacy = state.replace(info={**state.info, "adapter": {**state.info["adapter"], "memory": {
-        k: v for k, v in state.info["adapter"]["memory"].items() if k != "global_time"}}})
-    with pytest.raises(StateMismatchError, match="global_time: state none, adapter learned"):
-        other.check_state(legacy)  # a record from before time codes: written without them
-    made.check_state(legacy)
+    check_the_record_names(made, other, "global_time")
 
 
 def test_a_stream_state_from_other_place_codes_is_refused_naming_them():
     made = inject(tiny_model("wan", seed=1), "hybrid_gdn", evict_aggregate="token", global_position="none")
+    other = inject(tiny_model("wan"), "hybrid_gdn", evict_aggregate="token")
+    check_the_record_names(made, other, "global_position")
+
+
+def check_the_record_names(made, other, field):
+    """A stream of ``made`` (recorded with ``field`` "none") is refused by ``other`` (with "learned") naming the
+    field, and so is a record from before the field existed (written without such codes); ``made`` takes both."""
     state = made.init_state(1)
     state = state.replace(info={"adapter": made.describe()})  # what the generator records
-    other = inject(tiny_model("wan"), "hybrid_gdn", evict_aggregate="token")
-    with pytest.raises(StateMismatchError, match="global_position: state none, adapter learned"):
+    with pytest.raises(StateMismatchError, match=f"{field}: state none, adapter learned"):
         other.check_state(state)
     legacy = state.replace(info={**state.info, "adapter": {**state.info["adapter"], "memory": {
-        k: v for k, v in state.info["adapter"]["memory"].items() if k != "global_position"}}})
-    with pytest.raises(StateMismatchError, match="global_position: state none, adapter learned"):
-        other.check_state(legacy)  # a record from before place codes: written without them
+        k: v for k, v in state.info["adapter"]["memory"].items() if k != field}}})
+    with pytest.raises(StateMismatchError, match=f"{field}: state none, adapter learned"):
+        other.check_state(legacy)
     made.check_state(legacy)
