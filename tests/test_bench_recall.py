@@ -286,3 +286,19 @@ def test_a_report_grows_by_a_frame_size_without_training_the_others_again(tmp_pa
     err = capsys.readouterr().err
     assert "its report is of another task" in err and "address: 'time' there, 'cue' now" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_each_setting_keeps_the_learning_rate_with_the_best_validation_recall(monkeypatch):
+    """The sweep's choice by hand: scripted validation recalls per learning rate; the model of the best one is the
+    one measured on the test streams, and the band holds those within 90% of the best."""
+    from memkit.bench import recall as R
+
+    scores = {1e-3: 0.5, 3e-3: 0.9, 1e-2: 0.85}
+    monkeypatch.setattr(R, "train", lambda setup, setting, lr, **kw: (("net", lr), 1.0, lr))
+    monkeypatch.setattr(R, "validation_recall", lambda net, setup: scores[net[1]])
+    measured = []
+    monkeypatch.setattr(R, "measure", lambda net, setup, lag, s, seed: measured.append(net) or R.Measurement(
+        lag, s, 1.0, 0, 0, 0.0))
+    result = R.run_setting(SETUP, RecallSetting("full"), tuple(scores))
+    assert result.lr == 3e-3 and result.final_loss == 3e-3 and result.sweep == scores
+    assert set(measured) == {("net", 3e-3)} and result.band() == [3e-3, 1e-2]
