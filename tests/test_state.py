@@ -133,3 +133,19 @@ def test_a_recorded_setting_differs_from_a_bool_of_the_same_value():
     assert state.differences({"sink_frames": 1, "check_finite": True}) == []
     assert state.differences({"sink_frames": True}) == [("sink_frames", 1, True)]
     assert state.differences({"check_finite": 1}) == [("check_finite", True, 1)]
+
+
+def test_a_training_setup_from_before_time_codes_compares_equal_to_its_defaults():
+    """A checkpoint's memory config saved before ``global_time`` and ``write_strength`` existed meant "none" and
+    "frame": it resumes into today's defaults without a difference, and differs from a time-coded setup."""
+    from memkit.memory import MemoryConfig
+    from memkit.memory.hybrid_gdn import HybridGDNMemory
+    from memkit.train.module import setup_differences
+
+    now = MemoryConfig().to_dict()
+    old = {k: v for k, v in now.items() if k not in ("global_time", "write_strength")}
+    assert setup_differences({"memory": old}, {"memory": now}, HybridGDNMemory) == []
+    timed = {**now, "global_time": "learned", "write_strength": "token"}
+    diffs = setup_differences({"memory": old}, {"memory": timed}, HybridGDNMemory)
+    assert diffs == ["memory.global_time: checkpoint 'none', now 'learned'",
+                     "memory.write_strength: checkpoint 'frame', now 'token'"]
