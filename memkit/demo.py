@@ -9,6 +9,10 @@
    every return to a place comes after it left the local memory. Each model samples every chunk from the true
    past and, in a free rollout, from its own; ``out/world.mp4`` shows them beside the ground truth with each
    frame's place marked (yellow: a return), and ``out/world_drift.png`` their PSNR per frame, returns shaded.
+4. Plays a held-out video of scenes of shapes (``SceneVideos``) with two more shipped models, ``hybrid_layout``
+   (the layout design: per-block states, time-coded keys) and ``sink_window``: the camera cuts back to a scene
+   2 to 4 shots after it left the local memory, and only a memory that brings back a layout can show it;
+   ``out/scenes.mp4`` and ``out/scenes_drift.png``.
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ def check_streaming_equals_parallel(console: Console) -> bool:
     return ok
 
 
-DEMO_FILES = ["memory_demo.png", "world.mp4", "world_drift.png"]
+DEMO_FILES = ["memory_demo.png", "world.mp4", "world_drift.png", "scenes.mp4", "scenes_drift.png"]
 #: The models the demo plays, shipped in memkit/assets (made by ``memkit bench quality --export``).
 WORLD_MODELS = {"hybrid_gdn": "world_hybrid_gdn.safetensors", "sink_window": "world_sink_window.safetensors"}
+#: The models of the scenes part (``memkit bench quality --world scenes --export``).
+SCENE_MODELS = {"hybrid_layout": "scenes_hybrid_layout.safetensors",
+                "sink_window": "scenes_sink_window.safetensors"}
 
 
 def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite: bool = False) -> int:
@@ -76,6 +83,7 @@ def run_demo(console: Console, out_dir: str = "out", chunks: int = 96, overwrite
     plot_results(results, path, title)
     console.print(f"plot written to {path}\n")
     run_world_demo(console, folder / DEMO_FILES[1], folder / DEMO_FILES[2])
+    run_scene_demo(console, folder / DEMO_FILES[3], folder / DEMO_FILES[4])
     return 0 if ok else 1
 
 
@@ -85,11 +93,20 @@ def asset(name: str):
     return files("memkit") / "assets" / name
 
 
+def load_shipped(files: dict[str, str]):
+    """The shipped models ``{name: file}`` of ``files``, and the setup they were trained with."""
+    from memkit.bench.quality import QualitySetup
+    from memkit.rollout.world import WorldModel
+
+    models = {name: WorldModel.load(str(asset(file))) for name, file in files.items()}
+    return models, QualitySetup.from_record(next(iter(models.values())).meta["training"]["setup"])
+
+
 def check_world_models() -> None:
     """Fail in one line, before any work, if the shipped models are missing (an install without package data)."""
     from memkit.errors import CheckpointError
 
-    missing = [file for file in WORLD_MODELS.values() if not asset(file).is_file()]
+    missing = [file for file in (*WORLD_MODELS.values(), *SCENE_MODELS.values()) if not asset(file).is_file()]
     if missing:
         raise CheckpointError(f"the demo's models {', '.join(missing)} are missing from {asset('')}: reinstall "
                               "memkit with its package data (pip install -e . from a full clone)")
@@ -98,13 +115,11 @@ def check_world_models() -> None:
 def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps: int = 4,
                    world_seed: int = 20_000) -> None:
     """Play a held-out world with the shipped models; write the side-by-side video and the PSNR plot."""
-    from memkit.bench.quality import QualitySetup, frame_means, frame_psnr, self_psnr
+    from memkit.bench.quality import frame_means, frame_psnr, self_psnr
     from memkit.rollout.video import VideoWriter
-    from memkit.rollout.world import WorldModel
 
-    models = {name: WorldModel.load(str(asset(file))) for name, file in WORLD_MODELS.items()}
+    models, setup = load_shipped(WORLD_MODELS)
     trained = next(iter(models.values())).meta["training"]
-    setup = QualitySetup.from_record(trained["setup"])
     F = setup.chunk_frames
     frames = F * (1 + loops * setup.loop_places)  # the start place, then the loop `loops` times
     world = setup.world(1, frames, world_seed)
@@ -146,6 +161,43 @@ def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps:
     console.print(f"video written to {video_path} (left to right: {', '.join(panels)}; 'true past': each chunk "
                   f"sampled from the true frames before it; 'free': from the model's own)")
     console.print(f"PSNR plot written to {plot_path} (shaded: returns to a place that left the local memory)")
+
+
+def run_scene_demo(console: Console, video_path, plot_path, fps: int = 4, world_seed: int = 20_000) -> None:
+    """Play a held-out video of scenes with the shipped layout models, from the true past (what the memory
+    recalls); write the side-by-side video and the PSNR plot."""
+    from memkit.bench.quality import frame_psnr
+    from memkit.rollout.video import VideoWriter
+
+    models, setup = load_shipped(SCENE_MODELS)
+    F, frames = setup.chunk_frames, setup.eval_frames
+    world = setup.world(1, frames, world_seed)
+    truth = world.read(0, 0, frames, (setup.frame_size, setup.frame_size))["video"]
+    prompts = world.actions(0)
+    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=F)
+    returns, new = labels["revisit"], labels["new"].clone()
+    new[:F] = False  # the first chunk is given, not generated
+    console.print(f"\nscenes demo: a camera cutting between scenes of shapes and back to one of 2-4 shots before "
+                  f"({frames} frames, a video never trained on; prompts say only how many shots back), each model "
+                  f"with {setup.sink_frames} sink + {setup.window_frames} window frames; every chunk sampled from "
+                  f"the true past")
+    videos, psnr = {}, {}
+    for name, model in models.items():
+        out = model.rollout(truth[:, :F], prompts, frames, seed=0, history=truth,
+                            progress=chunk_lines(console, f"  {name}", frames // F))
+        videos[name], psnr[name] = out.video, frame_psnr(out.video, truth)
+        console.print(f"  {name}: PSNR on returns {psnr[name][returns].mean():.2f} dB, on new scenes "
+                      f"{psnr[name][new].mean():.2f} dB", markup=False)
+    scenes = world.scenes(0)
+    captions = [f"scene {int(scenes[t])}: " + (f"back after {int(prompts[t])} shots, it left the local memory"
+                                               if returns[t] else "new" if labels["new"][t] else
+                                               "still in the local memory") for t in range(frames)]
+    with VideoWriter(video_path, fps=fps) as writer:
+        writer.write(side_by_side({"ground truth": truth, **videos}, captions, highlight=returns))
+    plot_drift({f"{name}, true past": values for name, values in psnr.items()}, returns, F, fps, plot_path,
+               title="scenes demo: PSNR per frame (shaded: returns to a scene that left the local memory)")
+    console.print(f"video written to {video_path} (left to right: ground truth, {', '.join(models)})")
+    console.print(f"PSNR plot written to {plot_path}")
 
 
 def chunk_lines(console: Console, label: str, total: int, lines: int = 4):
@@ -194,7 +246,9 @@ def side_by_side(panels: dict[str, torch.Tensor], captions: list[str], highlight
     return canvas
 
 
-def plot_drift(psnr: dict[str, torch.Tensor], revisit: torch.Tensor, chunk: int, fps: int, path) -> None:
+def plot_drift(psnr: dict[str, torch.Tensor], revisit: torch.Tensor, chunk: int, fps: int, path,
+               title: str = "world demo: PSNR per frame (shaded: returns to a place that left the local memory)",
+               ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,8 +263,7 @@ def plot_drift(psnr: dict[str, torch.Tensor], revisit: torch.Tensor, chunk: int,
     for name, values in psnr.items():
         ax.plot(seconds[chunk:].tolist(), values[chunk:].tolist(), label=name, lw=1.4, marker=".",
                 ls="-" if "true past" in name else ":")
-    ax.set(xlabel="seconds", ylabel="PSNR against ground truth (dB)",
-           title="world demo: PSNR per frame (shaded: returns to a place that left the local memory)")
+    ax.set(xlabel="seconds", ylabel="PSNR against ground truth (dB)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_output(path) as tmp:

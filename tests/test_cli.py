@@ -60,6 +60,11 @@ def test_demo_runs_and_writes_its_plots_and_the_world_video(tmp_path):
 
     video, fps = read_video(tmp_path / "world.mp4")
     assert video.shape[0] == 48 and fps == 4 and video.shape[2] > 4 * video.shape[1]  # 5 loops; 5 panels (4 < 3.6)
+    assert "hybrid_layout: PSNR on returns" in out and "sink_window: PSNR on returns" in out
+    assert f"video written to {tmp_path / 'scenes.mp4'}" in out
+    assert (tmp_path / "scenes_drift.png").stat().st_size > 10_000
+    scenes, _ = read_video(tmp_path / "scenes.mp4")
+    assert scenes.shape[0] == 36 and scenes.shape[2] > 2 * scenes.shape[1]  # 3 panels
 
 
 def test_cli_turns_memkit_errors_into_a_message(capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,7 +25,15 @@ import torch
 
 from memkit.errors import ConfigError
 
-VARIANTS = ("full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd", "hybrid_blockwise")
+REGISTRY_VARIANTS = ("full", "window", "sink_window", "hybrid_gdn", "hybrid_ssd", "hybrid_blockwise")
+#: Designs the benchmark runs beside the registry's variants at their defaults: a name, the variant, and the
+#: ``MemoryConfig`` options that make it. ``hybrid_layout``: the layout design of ``memkit bench recall --address
+#: time`` (docs/memory.md): one state per block of about :data:`LAYOUT_BLOCK_TOKENS` tokens, every token written
+#: at its own strength, keys that carry their place and their time.
+DESIGNS = {"hybrid_layout": ("hybrid_blockwise", dict(evict_aggregate="token", global_position="learned",
+                                                      global_time="learned", write_strength="token"))}
+LAYOUT_BLOCK_TOKENS = 8
+VARIANTS = REGISTRY_VARIANTS + tuple(DESIGNS)
 HYBRIDS = tuple(v for v in VARIANTS if v.startswith("hybrid"))
 TRAIN_FRAMES = 240  # frames per training video
 ROPE_FRAMES = 1024  # positions in the backbone's RoPE table (WorldModel.load extends it for longer rollouts)
@@ -34,12 +43,18 @@ ROPE_FRAMES = 1024  # positions in the backbone's RoPE table (WorldModel.load ex
 class QualitySetup:
     """One run's sizes and budget. The defaults fit one sitting on a 2-core CPU (see docs/benchmarks.md)."""
 
-    world_kind: str = "loops"  # "loops": LoopVideos (places that come back); "camera": WorldVideos (a wandering camera)
+    # "loops": LoopVideos (places that come back); "scenes": SceneVideos (scenes of shapes cut back to after a
+    # varying lag); "camera": WorldVideos (a wandering camera)
+    world_kind: str = "loops"
     frame_size: int = 32  # pixels per side; a token is a patch x patch pixel square
     patch: int = 8
     loop_places: int = 3  # loops: places in the loop (a place comes back every loop_places shots)
     places: int = 16  # loops: the place ids prompts can name
     mosaic: int = 1  # loops: a place is a mosaic x mosaic grid of flat colours
+    min_lag: int = 2  # scenes: a return shows the scene of min_lag .. max_lag shots before
+    max_lag: int = 4
+    shapes: int = 3  # scenes: shapes per scene
+    return_rate: float = 0.5  # scenes: the share of shots (once a return can reach past the first) that return
     view_cells: int = 8  # camera: the view and the world, in cells; objects in it
     world_cells: int = 24
     objects: int = 20
@@ -74,12 +89,18 @@ class QualitySetup:
         return BackboneSpec(size="tiny", seed=self.seed, overrides=overrides)
 
     def memory(self, kind: str):
+        from memkit.bench.recall_task import block_count
         from memkit.memory import MemoryConfig
 
         # `window` gets the sink's frames too: every bounded variant holds the same number of frames
         window = self.window_frames + (self.sink_frames if kind == "window" else 0)
-        return MemoryConfig(kind=kind, sink_frames=self.sink_frames, window_frames=window, blocks=self.blocks,
-                            horizon_frames=self.horizon_frames, check_finite=False)
+        options = dict(blocks=self.blocks)
+        if kind in DESIGNS:
+            kind, design = DESIGNS[kind]
+            grid = self.frame_size // self.patch
+            options = dict(design, blocks=block_count(grid, grid, LAYOUT_BLOCK_TOKENS))
+        return MemoryConfig(kind=kind, sink_frames=self.sink_frames, window_frames=window,
+                            horizon_frames=self.horizon_frames, check_finite=False, **options)
 
     def world(self, count: int, frames: int, seed: int):
         if self.world_kind == "loops":
@@ -87,6 +108,12 @@ class QualitySetup:
 
             return LoopVideos(count=count, frames=frames, seed=seed, loop_places=self.loop_places,
                               shot_frames=self.chunk_frames, places=self.places, mosaic=self.mosaic)
+        if self.world_kind == "scenes":
+            from memkit.data.scenes import SceneVideos
+
+            return SceneVideos(count=count, frames=frames, seed=seed, shot_frames=self.chunk_frames,
+                               min_lag=self.min_lag, max_lag=self.max_lag, shapes=self.shapes,
+                               return_rate=self.return_rate)
         from memkit.data.world import WorldVideos
 
         return WorldVideos(count=count, frames=frames, seed=seed, view_cells=self.view_cells,
@@ -101,13 +128,15 @@ class QualitySetup:
     @property
     def prompts(self) -> str:
         """What the models' prompt ids name (``WorldModel``'s ``prompts``)."""
+        if self.world_kind == "scenes":
+            return f"places:{self.max_lag + 1}"  # 0: a new scene; k: the scene of k shots before
         return f"places:{self.places}" if self.world_kind == "loops" else "actions"
 
     @property
     def train_frames(self) -> int:
-        """Frames per training video: a loop video is one clip (it starts at its start place); a camera's path is
-        long, and clips are cut from it anywhere."""
-        return self.clip_frames if self.world_kind == "loops" else TRAIN_FRAMES
+        """Frames per training video: a loop or scene video is one clip (it starts at its first shot); a camera's
+        path is long, and clips are cut from it anywhere."""
+        return TRAIN_FRAMES if self.world_kind == "camera" else self.clip_frames
 
 
 @dataclass
@@ -131,7 +160,13 @@ class VariantResult:
     drift: list[float] = field(default_factory=list)  # PSNR per frame index (generated frames), mean over videos
     chunk_ms: dict[str, float] = field(default_factory=dict)  # "early" / "late" median per-chunk time
     state_bytes: int = 0
+    global_bytes: int = 0  # the global memory's state (``global.*`` tensors) at the end of the timed rollout
+    memory_bytes_per_frame: float = 0.0  # the memory layers' state per frame held then (full: its K/V per frame)
     first_video: torch.Tensor | None = field(default=None, repr=False)  # the first held-out rollout (for strips)
+    lr: float = float("nan")  # the learning rate the model was trained with (the sweep's choice with --lrs)
+    # with --lrs: each learning rate tried -> its validation score (true-past PSNR over all generated frames of the
+    # validation worlds, dB)
+    lr_sweep: dict[str, float] = field(default_factory=dict)
 
 
 def train_variant(setup: QualitySetup, kind: str, progress: bool = True, console=None):
@@ -202,8 +237,37 @@ def evaluate(world, setup: QualitySetup, result: VariantResult) -> dict[int, tor
     result.drift = psnr.mean(dim=0).tolist()
     if own:
         result.psnr_self, result.psnr_self_colour = labelled_mean(own), labelled_mean(own_colour)
-    result.chunk_ms, result.state_bytes = time_chunks(world, setup)
+    result.chunk_ms, timed = time_chunks(world, setup)
+    result.state_bytes, result.global_bytes = timed.state_bytes, timed.global_bytes
+    result.memory_bytes_per_frame = timed.memory_bytes / timed.video.shape[1]
     return videos
+
+
+def validation_score(world, setup: QualitySetup) -> float:
+    """What ``--lrs`` chooses a learning rate by: the mean PSNR of every generated frame of the validation worlds
+    (never trained on, never reported), each chunk sampled from the true past."""
+    first = setup.chunk_frames
+    scores = []
+    for i, actions, truth, _ in held_out(setup, VALIDATION_WORLDS):
+        video = world.rollout(truth[:, :first], actions, setup.eval_frames, seed=setup.seed + i, history=truth).video
+        scores.append(frame_psnr(video[:, first:], truth[:, first:]))
+    return float(torch.cat(scores).mean())
+
+
+def train_swept(setup: QualitySetup, kind: str, lrs, progress: bool = True, console=None):
+    """Train ``kind`` at each learning rate of ``lrs`` and keep the model with the best :func:`validation_score`;
+    return it, its seconds, final loss and learning rate, and every rate's score (an empty dict for one rate)."""
+    if len(lrs) == 1:
+        return (*train_variant(replace(setup, lr=lrs[0]), kind, progress, console), lrs[0], {})
+    best, sweep = None, {}
+    for lr in lrs:
+        world, seconds, final = train_variant(replace(setup, lr=lr), kind, progress, console)
+        sweep[f"{lr:g}"] = score = validation_score(world, setup)
+        if console is not None:
+            console.print(f"  {kind} at lr {lr:g}: loss {final:.3f}, validation PSNR {score:.2f} dB")
+        if best is None or score > best[0]:
+            best = (score, world, seconds, final, lr)
+    return (*best[1:], sweep)
 
 
 def frame_means(video: torch.Tensor) -> torch.Tensor:
@@ -230,10 +294,11 @@ def self_psnr(video: torch.Tensor, last_seen: torch.Tensor, first: int) -> torch
 TIMED_CHUNKS = 24
 
 
-def time_chunks(world, setup: QualitySetup) -> tuple[dict[str, float], int]:
+def time_chunks(world, setup: QualitySetup):
     """The median time per chunk of a free rollout of the first held-out world, over the first 5 chunks that read
-    a global memory ("early") and the last 5 of ``TIMED_CHUNKS`` chunks ("late"), and the stream state's bytes at
-    the end. Before the first eviction a hybrid skips its (empty) global read: those chunks are not compared."""
+    a global memory ("early") and the last 5 of ``TIMED_CHUNKS`` chunks ("late"), and the rollout (its state's
+    bytes at the end). Before the first eviction a hybrid skips its (empty) global read: those chunks are not
+    compared."""
     from memkit.train.losses.rolling import global_read_frames
 
     F = setup.chunk_frames
@@ -243,13 +308,18 @@ def time_chunks(world, setup: QualitySetup) -> tuple[dict[str, float], int]:
     truth = source.read(0, 0, F, (setup.frame_size, setup.frame_size))["video"]
     out = world.rollout(truth, source.actions(0), frames, seed=setup.seed)
     times = torch.tensor(out.chunk_seconds[start - 1:])  # chunk_seconds starts at the second chunk
-    return {"early": 1e3 * float(times[:5].median()), "late": 1e3 * float(times[-5:].median())}, out.state_bytes
+    return {"early": 1e3 * float(times[:5].median()), "late": 1e3 * float(times[-5:].median())}, out
 
 
-def held_out(setup: QualitySetup):
+#: Seed offsets of the held-out worlds: the test worlds every table reports, and the validation worlds a learning
+#: rate is chosen on (``--lrs``); training worlds use the setup's seed itself.
+TEST_WORLDS, VALIDATION_WORLDS = 10_000, 20_000
+
+
+def held_out(setup: QualitySetup, offset: int = TEST_WORLDS):
     """Per held-out world (seeds never trained on): its index, actions, true frames ``(3, F, H, W)`` and the
     ``revisit`` / ``new`` masks of its frames after the first chunk (the generated ones)."""
-    source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + 10_000)
+    source = setup.world(setup.eval_videos, setup.eval_frames, setup.seed + offset)
     for i in range(len(source)):
         truth = source.read(i, 0, setup.eval_frames, (setup.frame_size, setup.frame_size))["video"]
         labels = source.labels(i, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
@@ -338,23 +408,29 @@ def gap_spread(results: dict[str, VariantResult], forced: bool = True, resamples
 
 def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | None = None, export: str | None = None,
                       console=None, progress: bool = True, command: str = "memkit bench quality",
-                      from_models: str | None = None) -> dict[str, VariantResult]:
+                      from_models: str | None = None, lrs=None) -> dict[str, VariantResult]:
     """Train and evaluate each variant in turn; with ``out_dir``, write the table and plots there (with the
-    model-free baseline and ``command``); with ``export``, save each trained model there. With ``from_models``
-    (a folder that ``export`` wrote), train nothing: evaluate the models there (their training time and loss
-    come from the files)."""
+    model-free baseline and ``command``); with ``export``, save each trained model there. With ``lrs``, train
+    each variant at each learning rate and keep the one with the best score on validation worlds
+    (:func:`validation_score`). With ``from_models`` (a folder that ``export`` wrote), train nothing: evaluate the
+    models there (their learning rate, training time and loss come from the files)."""
     check_setup(setup, variants)
     results = {}
     t_start = time.perf_counter()
     for kind in variants:
+        sweep = {}
         if from_models is not None:
             world = load_exported(Path(from_models) / f"world_{kind}.safetensors", setup)
-            seconds, final = world.meta["training"]["seconds"], world.meta["training"]["loss"]
+            training = world.meta["training"]
+            seconds, final, lr = training["seconds"], training["loss"], training["setup"]["lr"]
+            sweep = training.get("lr_sweep", {})
         else:
+            rates = list(lrs or [setup.lr])
             if console is not None:
-                console.print(f"[bold]{kind}[/bold]: training {setup.steps} steps ...")
-            world, seconds, final = train_variant(setup, kind, progress=progress, console=console)
-        result = VariantResult(kind, seconds, final)
+                console.print(f"[bold]{kind}[/bold]: training {setup.steps} steps at lr "
+                              f"{', '.join(f'{r:g}' for r in rates)} ...")
+            world, seconds, final, lr, sweep = train_swept(setup, kind, rates, progress=progress, console=console)
+        result = VariantResult(kind, seconds, final, lr=lr, lr_sweep=sweep)
         result.first_video = evaluate(world, setup, result)[0]
         results[kind] = result
         if console is not None:
@@ -368,11 +444,11 @@ def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | Non
             Path(export).mkdir(parents=True, exist_ok=True)
             world.save(Path(export) / f"world_{kind}.safetensors",
                        extra={"training": {"steps": setup.steps, "seconds": round(seconds, 1), "loss": final,
-                                           "setup": asdict(setup)}})
+                                           "setup": asdict(replace(setup, lr=lr)), "lr_sweep": sweep}})
     wall = time.perf_counter() - t_start
     if out_dir is not None:
         # a flat place's own mean colour is the place itself: no reference there
-        baseline = flat_baseline(setup) if setup.world_kind == "camera" or setup.mosaic > 1 else None
+        baseline = flat_baseline(setup) if setup.world_kind != "loops" or setup.mosaic > 1 else None
         written = write_report(results, setup, {k: r.first_video for k, r in results.items()}, out_dir, wall,
                                command=command, baseline=baseline)
         if console is not None:
@@ -384,6 +460,8 @@ def run_quality_bench(setup: QualitySetup, variants=VARIANTS, out_dir: str | Non
 
 #: Setup fields that only the evaluation reads: --from-models may change them.
 EVAL_FIELDS = ("eval_videos", "eval_frames", "sampling_steps")
+#: Setup fields each model may have of its own (a learning rate chosen per variant by --lrs).
+MODEL_FIELDS = ("lr",)
 
 
 def load_exported(path: Path, setup: QualitySetup):
@@ -393,7 +471,7 @@ def load_exported(path: Path, setup: QualitySetup):
 
     world = WorldModel.load(path)
     saved = _training_setup(world.meta, path)
-    mine = {k: v for k, v in asdict(setup).items() if k not in EVAL_FIELDS}
+    mine = {k: v for k, v in asdict(setup).items() if k not in EVAL_FIELDS + MODEL_FIELDS}
     diffs = [f"{k}: file {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k, v) != v]
     if diffs:
         raise CheckpointError(f"{path} was trained with another setup: {'; '.join(diffs[:4])}")
@@ -464,10 +542,11 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
         "| memory | PSNR revisited | PSNR new | PSNR all | SSIM revisited | SSIM new | gap closed | "
         "true-past PSNR revisited | true-past PSNR new | true-past gap closed | true-past colour revisited | "
         "true-past colour new | free: return vs own last visit | free: new vs frame before | free colour: return vs "
-        "own last visit | free colour: new vs frame before | ms/chunk early | ms/chunk late | state KiB | train s | "
-        "final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "own last visit | free colour: new vs frame before | ms/chunk early | ms/chunk late | state KiB | global KiB | "
+        "global / full's K/V at returns | lr | train s | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    full_kv = kv_at_returns(results, setup)
     for kind, r in results.items():
         lines.append(
             f"| `{kind}` | {r.psnr['revisit']:.2f} | {r.psnr['new']:.2f} | {r.psnr['all']:.2f} | "
@@ -476,7 +555,9 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
             f"{_db(r.psnr_tf_colour.get('new'))} | {_db(r.psnr_self.get('revisit'))} | "
             f"{_db(r.psnr_self.get('new'))} | {_db(r.psnr_self_colour.get('revisit'))} | "
             f"{_db(r.psnr_self_colour.get('new'))} | {r.chunk_ms['early']:.1f} | "
-            f"{r.chunk_ms['late']:.1f} | {r.state_bytes / 1024:.0f} | {r.train_seconds:.0f} | {r.final_loss:.3f} |")
+            f"{r.chunk_ms['late']:.1f} | {r.state_bytes / 1024:.0f} | {r.global_bytes / 1024:.0f} | "
+            f"{f'{r.global_bytes / full_kv:.3f}' if full_kv and r.global_bytes else '-'} | {_lr(r)} | "
+            f"{r.train_seconds:.0f} | {r.final_loss:.3f} |")
     if baseline:
         cells = ["each true frame's mean colour (no model)", *(f"{baseline[n]:.2f}" for n in ("revisit", "new", "all"))]
         columns = lines[0].count("|") - 1
@@ -498,9 +579,36 @@ def results_markdown(results: dict[str, VariantResult], setup: QualitySetup, wal
         "colours, the place without the texture a sample scatters about it (two samples' independent textures cap "
         "their pixel PSNR near 11 dB). Cost per chunk: a free rollout of "
         f"{TIMED_CHUNKS} chunks from the first chunk that reads a global memory, median of its first and last "
-        "5; state KiB: the stream's state (memories and held frames) at the end of that rollout.  ",
+        "5; state KiB: the stream's state (memories and held frames) at the end of that rollout; global KiB: the "
+        "global memory's part of it, and its share of `full`'s K/V (every layer) when a return is sampled, on "
+        f"average {return_frames(setup):.1f} frames in. lr: the learning rate (with a sweep, the one of those "
+        "tried that scored best on validation worlds, true past, all frames).  ",
         f"Wall time: {wall_seconds / 60:.1f} min.",
         "", *lines, ""])
+
+
+def _lr(result: VariantResult) -> str:
+    if not result.lr_sweep:
+        return f"{result.lr:g}"
+    return f"{result.lr:g} (of {', '.join(result.lr_sweep)})"
+
+
+def return_frames(setup: QualitySetup) -> float:
+    """The frames a memory has committed when a return is sampled, on average over the test worlds' returns (each
+    return's chunk start)."""
+    starts = [t - t % setup.chunk_frames + setup.chunk_frames for _, _, _, m in held_out(setup)
+              for t in torch.nonzero(m["revisit"]).flatten().tolist()]  # masks start after the first chunk
+    return sum(starts) / len(starts) if starts else float("nan")
+
+
+def kv_at_returns(results: dict[str, VariantResult], setup: QualitySetup) -> float | None:
+    """``full``'s K/V bytes (every layer) at the average return (:func:`return_frames`): what a global state is
+    weighed against. None without ``full`` or returns."""
+    full = results.get("full")
+    frames = return_frames(setup)
+    if full is None or not full.memory_bytes_per_frame or math.isnan(frames):
+        return None
+    return full.memory_bytes_per_frame * frames
 
 
 def _db(value) -> str:
@@ -528,6 +636,7 @@ def write_report(results, setup, strips, out_dir, wall_seconds, command: str | N
     with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps({"setup": asdict(setup), "wall_seconds": wall_seconds,
                                          "baseline": baseline,
+                                         "full_kv_bytes_at_returns": kv_at_returns(results, setup),
                                          "results": {k: {n: v for n, v in asdict(r).items() if n != "first_video"}
                                                      for k, r in results.items()}}, indent=1))
     written.append(path)
@@ -603,6 +712,14 @@ def camera_setup(**changes) -> QualitySetup:
     return replace(QualitySetup(), **{**camera, **changes})
 
 
+def scenes_setup(**changes) -> QualitySetup:
+    """The world of scenes (``SceneVideos``) at the budget its table in docs/benchmarks.md was made with: 4 x 4
+    pixel patches, so that a frame is an 8 x 8 grid of tokens and a scene's layout spans many of them; three shots
+    in four return once they can (at half, 300 steps did not teach even ``full`` to bring a scene back)."""
+    scenes = dict(world_kind="scenes", patch=4, eval_frames=36, return_rate=0.75)
+    return replace(QualitySetup(), **{**scenes, **changes})
+
+
 def quick_setup(**changes) -> QualitySetup:
     """A budget for tests: every stage runs, nothing is learned."""
     tiny = dict(frame_size=16, patch=4, view_cells=4, world_cells=8, objects=4, layers=1, heads=2, head_dim=8, ffn=16,
@@ -621,13 +738,18 @@ def add_quality_parser(bsub) -> None:
     q = bsub.add_parser("quality", help="train every memory variant on a procedural world under one budget and "
                                         "measure how well it reproduces places it saw long ago")
     q.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    q.add_argument("--world", choices=["loops", "camera"], default="loops",
+    q.add_argument("--world", choices=["loops", "scenes", "camera"], default="loops",
                    help="loops (default): places that come back after they left the local memory (LoopVideos); "
-                        "camera: a camera wandering over a 2-D world (WorldVideos), at its own budget")
+                        "scenes: scenes of shapes cut back to after 2-4 shots, a layout to bring back "
+                        "(SceneVideos, 8x8 tokens per frame); camera: a camera wandering over a 2-D world "
+                        "(WorldVideos); scenes and camera at their own budgets")
     q.add_argument("--steps", type=positive_int, help=f"training steps per variant ({d.steps})")
     q.add_argument("--batch", type=positive_int, help=f"clips per step ({d.batch})")
     q.add_argument("--clip-frames", type=positive_int, help=f"frames per training clip ({d.clip_frames})")
     q.add_argument("--lr", type=positive_float, help=f"learning rate ({d.lr})")
+    q.add_argument("--lrs", type=positive_float, nargs="+", default=None,
+                   help="sweep: train each variant at each of these learning rates and keep the one that scores best "
+                        "on validation worlds (true past, all frames; never the reported worlds)")
     q.add_argument("--head-dim", type=positive_int,
                    help=f"channels per attention head ({d.head_dim}); the token width is {d.heads} heads x this, and "
                         f"above a patch's {3 * d.patch ** 2} pixel values (64) the models sample clean frames")
@@ -656,13 +778,18 @@ def run_quality_command(args, console) -> int:
                  head_dim=args.head_dim, eval_videos=args.eval_videos, eval_frames=args.eval_frames, seed=args.seed)
     if args.from_models is not None:
         training = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None and k not in EVAL_FIELDS]
+        training += ["--lrs"] * bool(args.lrs)
         if training or args.quick or args.export:
             raise ConfigError(f"--from-models evaluates trained models with their own setup; drop "
                               f"{', '.join(training + ['--quick'] * args.quick + ['--export'] * bool(args.export))}")
         base = saved_setup(args.from_models, args.variants)
     else:
-        base = quick_setup(world_kind=args.world) if args.quick else camera_setup() if args.world == "camera" else \
-            QualitySetup()
+        worlds = {"loops": QualitySetup, "scenes": scenes_setup, "camera": camera_setup}
+        base = quick_setup(world_kind=args.world) if args.quick else worlds[args.world]()
+    if args.lr is not None and args.lrs:
+        raise ConfigError("--lr and --lrs: give one learning rate or a sweep, not both")
+    if args.lrs and len(set(args.lrs)) != len(args.lrs):
+        raise ConfigError(f"--lrs lists a learning rate twice: {' '.join(f'{r:g}' for r in args.lrs)}")
     setup = replace(base, **{k: v for k, v in flags.items() if v is not None})
     check_setup(setup, args.variants)
     folder = check_output_folder(args.out, "--out", REPORT_FILES, overwrite=args.overwrite)
@@ -677,7 +804,7 @@ def run_quality_command(args, console) -> int:
     if sys.argv[1:3] == ["bench", "quality"]:
         command = " ".join([command, *(shlex.quote(a) for a in sys.argv[3:])])
     run_quality_bench(setup, args.variants, out_dir=folder, export=args.export, console=console,
-                      progress=sys.stderr.isatty(), command=command, from_models=args.from_models)
+                      progress=sys.stderr.isatty(), command=command, from_models=args.from_models, lrs=args.lrs)
     return 0
 
 

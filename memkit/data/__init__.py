@@ -12,6 +12,7 @@ _EXPORTS = {
     "LoopVideos": "loops",
     "loop_labels": "loops",
     "place_embeddings": "loops",
+    "SceneVideos": "scenes",
     "VideoFolder": "video_folder",
     "LatentShards": "latent_shards",
     "ClipDataModule": "datamodule",

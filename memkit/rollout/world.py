@@ -31,6 +31,8 @@ class Rollout:
     video: torch.Tensor  # (3, F, H, W) float32 in [-1, 1]: the given prefix, then the model's frames
     chunk_seconds: list[float] = field(default_factory=list)  # wall time of each generated chunk (sample + commit)
     state_bytes: int = 0  # the stream state's size at the end
+    memory_bytes: int = 0  # of which the memory layers' states (a cache's K/V, a hybrid's local and global memory)
+    global_bytes: int = 0  # of which the global memories' states (the ``global.*`` tensors)
 
 
 class WorldModel:
@@ -176,7 +178,10 @@ class WorldModel:
             chunks.append(x0[0].float().cpu())
             if progress is not None:
                 progress()
-        return Rollout(torch.cat(chunks, dim=1), timings, state.nbytes)
+        global_bytes = sum(t.numel() * t.element_size() for layer in state.layers
+                           for name, t in layer.tensors.items() if name.startswith("global."))
+        return Rollout(torch.cat(chunks, dim=1), timings, state.nbytes, sum(layer.nbytes for layer in state.layers),
+                       global_bytes)
 
 
 __all__ = ["WorldModel", "Rollout"]
