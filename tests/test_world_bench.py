@@ -317,6 +317,10 @@ def test_quality_bench_on_the_scenes_world_with_the_layout_design(tmp_path):
     assert (memory.kind, memory.evict_aggregate, memory.global_position, memory.global_time, memory.write_strength) \
         == ("hybrid_blockwise", "token", "learned", "learned", "token")
     assert report["results"]["hybrid_layout"]["state_bytes"] > report["results"]["sink_window"]["state_bytes"]
+    # the global state alone: blocks^2 states of heads x head_dim^2 float32 per layer; none for a window
+    assert report["results"]["hybrid_layout"]["global_bytes"] == \
+        setup.layers * memory.blocks ** 2 * setup.heads * setup.head_dim ** 2 * 4
+    assert report["results"]["sink_window"]["global_bytes"] == 0
 
 
 def test_the_layout_design_has_about_eight_tokens_per_block_and_the_scenes_world_names_its_lags():
