@@ -102,6 +102,15 @@ def load_shipped(files: dict[str, str]):
     return models, QualitySetup.from_record(next(iter(models.values())).meta["training"]["setup"])
 
 
+def held_out_video(setup, frames: int, seed: int):
+    """The first video of ``setup``'s world at ``seed``: the source, its true frames, its prompt ids and its labels
+    for the setup's local memory."""
+    world = setup.world(1, frames, seed)
+    truth = world.read(0, 0, frames, (setup.frame_size, setup.frame_size))["video"]
+    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=setup.chunk_frames)
+    return world, truth, world.actions(0), labels
+
+
 def check_world_models() -> None:
     """Fail in one line, before any work, if the shipped models are missing (an install without package data)."""
     from memkit.errors import CheckpointError
@@ -122,11 +131,7 @@ def run_world_demo(console: Console, video_path, plot_path, loops: int = 5, fps:
     trained = next(iter(models.values())).meta["training"]
     F = setup.chunk_frames
     frames = F * (1 + loops * setup.loop_places)  # the start place, then the loop `loops` times
-    world = setup.world(1, frames, world_seed)
-    size = (setup.frame_size, setup.frame_size)
-    truth = world.read(0, 0, frames, size)["video"]
-    places = world.actions(0)
-    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=F)
+    world, truth, places, labels = held_out_video(setup, frames, world_seed)
     console.print(f"world demo: a camera cutting between {setup.loop_places} places in a loop ({frames} frames, "
                   f"{frames / fps:.0f} s at {fps} fps), a world never trained on; each model keeps "
                   f"{setup.sink_frames} sink + {setup.window_frames} window frames, so every return to a place "
@@ -171,10 +176,7 @@ def run_scene_demo(console: Console, video_path, plot_path, fps: int = 4, world_
 
     models, setup = load_shipped(SCENE_MODELS)
     F, frames = setup.chunk_frames, setup.eval_frames
-    world = setup.world(1, frames, world_seed)
-    truth = world.read(0, 0, frames, (setup.frame_size, setup.frame_size))["video"]
-    prompts = world.actions(0)
-    labels = world.labels(0, window=setup.window_frames, sink=setup.sink_frames, chunk=F)
+    world, truth, prompts, labels = held_out_video(setup, frames, world_seed)
     returns, new = labels["revisit"], labels["new"].clone()
     new[:F] = False  # the first chunk is given, not generated
     console.print(f"\nscenes demo: a camera cutting between scenes of shapes and back to one of 2-4 shots before "
